@@ -1,0 +1,31 @@
+"""TensorFlow 1's ``optimize_loss`` for PyTorch Lightning, with its summaries in MLflow.
+
+- :class:`OptimizeLoss`: a ``Callback`` applying gradient noise, multipliers and clipping in TF's order
+  before every optimizer step, and logging TF's summaries.
+- :func:`configure_optimizers`: TF's optimizers (by name, class, callable or instance) and learning-rate
+  decay, for ``LightningModule.configure_optimizers``.
+- :func:`adaptive_clipping_fn`, :mod:`decay`: TF's adaptive clipping and learning-rate schedules.
+"""
+
+from lightning_optloss import decay
+from lightning_optloss.adaptive_clipping import AdaptiveClipping, adaptive_clipping_fn
+from lightning_optloss.callback import OptimizeLoss
+from lightning_optloss.configure import LearningRateDecay, configure_optimizers
+from lightning_optloss.optimizers import OPTIMIZER_CLS_NAMES
+from lightning_optloss.summaries import OPTIMIZER_SUMMARIES
+from lightning_optloss.transfers import add_transfer_hook
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "OPTIMIZER_CLS_NAMES",
+    "OPTIMIZER_SUMMARIES",
+    "AdaptiveClipping",
+    "LearningRateDecay",
+    "OptimizeLoss",
+    "__version__",
+    "adaptive_clipping_fn",
+    "add_transfer_hook",
+    "configure_optimizers",
+    "decay",
+]

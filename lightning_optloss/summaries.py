@@ -1,0 +1,111 @@
+"""TF's optimizer summaries: names, tags, and delivery to the Trainer's loggers.
+
+TF wrote summaries to TensorBoard event files; here they go to every logger of the Trainer (MLflow loggers
+first) as metrics, under TF's tags with the callback's ``name`` as prefix. MLflow has no histogram type,
+so TF's ``gradients`` histograms become statistics metrics (``.../gradients/<param>/mean`` ...).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from lightning.pytorch.loggers import Logger, MLFlowLogger
+from torch import Tensor
+
+from lightning_optloss import transfers, validation
+
+OPTIMIZER_SUMMARIES = ["learning_rate", "loss", "gradients", "gradient_norm", "global_gradient_norm"]
+DEFAULT_SUMMARIES = ["loss", "learning_rate", "global_gradient_norm"]
+GRADIENT_STATISTICS = ("mean", "std", "min", "max", "norm")
+
+# MLflow's logger silently drops other characters from metric keys; names are made to fit up front.
+_UNSAFE_KEY_CHARACTERS = re.compile(r"[^a-zA-Z0-9_/. -]")
+
+
+def validate(owner: str, summaries: Iterable[str] | None) -> list[str]:
+    """``summaries`` as a list: the TF default when None, else known names without repeats."""
+    if summaries is None:
+        return list(DEFAULT_SUMMARIES)
+    if isinstance(summaries, str):
+        raise validation.invalid(owner, "summaries", f"a list of names from {OPTIMIZER_SUMMARIES}", summaries)
+    chosen: list[str] = []
+    for summary in summaries:
+        validation.choice(owner, "summaries", summary, OPTIMIZER_SUMMARIES)
+        if summary in chosen:
+            raise ValueError(f"{owner}: `summaries` lists {summary!r} twice.")
+        chosen.append(summary)
+    return chosen
+
+
+def metric_key(name: str) -> str:
+    """``name`` with every character MLflow would drop replaced by ``_``."""
+    return _UNSAFE_KEY_CHARACTERS.sub("_", name)
+
+
+def metric_keys(owner: str, names: Sequence[str]) -> list[str]:
+    """Metric-safe keys for parameter names; an error if two names collide after replacement."""
+    keys = [metric_key(name) for name in names]
+    seen: dict[str, str] = {}
+    for name, key in zip(names, keys, strict=True):
+        if key in seen:
+            raise ValueError(
+                f"{owner}: parameters {seen[key]!r} and {name!r} both become metric key {key!r} "
+                "(MLflow keys allow only letters, digits and _/. -); rename one of them."
+            )
+        seen[key] = name
+    return keys
+
+
+@dataclass
+class SummaryRecord:
+    """The summaries of one optimizer step, still on the device until :meth:`resolve`.
+
+    ``step`` is the global step at which the gradients were computed (0 for the first update).
+    """
+
+    step: int
+    values: dict[str, float] = field(default_factory=dict)
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    vectors: list[tuple[list[str], Tensor]] = field(default_factory=list)
+
+    def add(self, tag: str, value: Tensor | float) -> None:
+        if isinstance(value, Tensor):
+            self.tensors[tag] = value
+        else:
+            self.values[tag] = float(value)
+
+    def add_rows(self, tags: list[str], values: Tensor) -> None:
+        """Add ``values.reshape(-1)[i]`` under ``tags[i]``."""
+        self.vectors.append((tags, values))
+
+    def resolve(self) -> dict[str, float]:
+        """All values as Python floats, with one device-to-host transfer for all the tensors."""
+        parts = [value.reshape(-1) for value in self.tensors.values()]
+        parts += [values.reshape(-1) for _, values in self.vectors]
+        resolved = dict(self.values)
+        if not parts:
+            return resolved
+        device = parts[0].device
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        flat = torch.cat([part.to(device, dtype) for part in parts])
+        numbers = iter(transfers.to_host(flat))
+        for tag in self.tensors:
+            resolved[tag] = next(numbers)
+        for tags, _ in self.vectors:
+            for tag in tags:
+                resolved[tag] = next(numbers)
+        return resolved
+
+
+def mlflow_first(loggers: Iterable[Logger]) -> list[Logger]:
+    """The loggers with every MLflow logger first, otherwise in the Trainer's order."""
+    return sorted(loggers, key=lambda logger: not isinstance(logger, MLFlowLogger))
+
+
+def deliver(loggers: Sequence[Logger], metrics: dict[str, float], step: int) -> None:
+    """Send one step's metrics to every logger (one ``log_metrics`` call, a single batch for MLflow)."""
+    for logger in mlflow_first(loggers):
+        logger.log_metrics(metrics, step=step)

@@ -1,0 +1,39 @@
+"""Fixtures: one real sqlite MLflow store per session, an MLflow logger per test."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.loggers import MLFlowLogger
+from mlflow import MlflowClient
+from support import PARITY_WORST, new_mlflow_logger
+
+logging.getLogger("mlflow").setLevel(logging.WARNING)
+logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*LeafSpec.*")
+warnings.filterwarnings("ignore", ".*litlogger.*")
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One real sqlite MLflow store for the session (creating the schema takes seconds)."""
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def mlflow_logger(tracking_uri: str, tmp_path: Path) -> MLFlowLogger:
+    """An MLFlowLogger on the session store, in an experiment of its own."""
+    return new_mlflow_logger(tracking_uri, tmp_path)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if PARITY_WORST:
+        terminalreporter.section("TF parity: worst relative error")
+        for check, error in sorted(PARITY_WORST.items()):
+            terminalreporter.write_line(f"{check:45s} {error:.2e}")

@@ -1,0 +1,288 @@
+"""OptimizeLoss in a real Trainer, its summaries read back from a real sqlite MLflow store."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from mlflow import MlflowClient
+from support import TinyRegression, make_trainer, metric_history, regression_data
+
+from lightning_optloss import OPTIMIZER_SUMMARIES, OptimizeLoss, adaptive_clipping_fn, add_transfer_hook, decay
+
+ALL_PARAMS = ["w1", "b1", "w2", "b2"]
+
+
+class RecordBatches(pl.Callback):
+    """Records each batch's loss as Lightning saw it and the weights after each optimizer step."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+        self.weights: list[dict[str, torch.Tensor]] = []
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+        self.weights.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters()})
+
+
+def fit(callbacks, steps=6, logger=False, model=None, **trainer_kwargs):
+    model = model or TinyRegression()
+    trainer = make_trainer(callbacks, logger=logger, max_steps=steps, **trainer_kwargs)
+    trainer.fit(model, regression_data(steps * trainer_kwargs.get("accumulate_grad_batches", 1)))
+    return model, trainer
+
+
+def test_default_summaries_reach_mlflow_every_log_every_n_steps(mlflow_logger):
+    callback = OptimizeLoss()
+    fit([callback], steps=7, logger=mlflow_logger, log_every_n_steps=3)
+    history = metric_history(mlflow_logger)
+    tags = {k for k in history if k.startswith("OptimizeLoss/")}
+    assert tags == {"OptimizeLoss/loss", "OptimizeLoss/learning_rate", "OptimizeLoss/global_norm/gradient_norm"}
+    for tag in tags:
+        assert sorted(history[tag]) == [0, 3, 6]
+    assert callback.global_step == 7
+
+
+def test_all_summaries_with_float_clipping_use_tf_tag_names(mlflow_logger):
+    fit([OptimizeLoss(clip_gradients=1.0, summaries=OPTIMIZER_SUMMARIES)], steps=2, logger=mlflow_logger)
+    history = metric_history(mlflow_logger)
+    expected = {
+        "OptimizeLoss/loss",
+        "OptimizeLoss/learning_rate",
+        "OptimizeLoss/global_norm/gradient_norm",
+        "OptimizeLoss/global_norm/clipped_gradient_norm",
+        *(f"OptimizeLoss/gradient_norm/{p}" for p in ALL_PARAMS),
+        *(f"OptimizeLoss/gradients/{p}/{s}" for p in ALL_PARAMS for s in ("mean", "std", "min", "max", "norm")),
+    }
+    assert {k for k in history if k.startswith("OptimizeLoss/")} == expected
+    assert history["OptimizeLoss/global_norm/gradient_norm"][0] > 1.0
+    assert history["OptimizeLoss/global_norm/clipped_gradient_norm"][0] == pytest.approx(1.0, rel=1e-5)
+
+
+def test_summary_values_are_those_of_the_step(mlflow_logger):
+    recorder = RecordBatches()
+    fit([OptimizeLoss(clip_gradients=1.0, summaries=OPTIMIZER_SUMMARIES), recorder], steps=3, logger=mlflow_logger)
+    history = metric_history(mlflow_logger)
+    for step in range(3):
+        assert history["OptimizeLoss/loss"][step] == pytest.approx(recorder.losses[step], rel=1e-6)
+        clipped = recorder.grads[step]  # the recorder runs after OptimizeLoss: it sees clipped gradients
+        for name in ALL_PARAMS:
+            grad = clipped[name]
+            assert history[f"OptimizeLoss/gradient_norm/{name}"][step] == pytest.approx(float(grad.norm()), rel=1e-5)
+            assert history[f"OptimizeLoss/gradients/{name}/max"][step] == pytest.approx(float(grad.max()), rel=1e-5)
+            assert history[f"OptimizeLoss/gradients/{name}/mean"][step] == pytest.approx(
+                float(grad.mean()), rel=1e-4, abs=1e-7
+            )
+        total = math.sqrt(sum(float(g.norm()) ** 2 for g in clipped.values()))
+        assert history["OptimizeLoss/global_norm/clipped_gradient_norm"][step] == pytest.approx(total, rel=1e-5)
+
+
+def test_loss_with_gradient_accumulation_is_the_mean_of_the_micro_batches(mlflow_logger):
+    recorder = RecordBatches()
+    callback = OptimizeLoss()
+    fit([callback, recorder], steps=3, logger=mlflow_logger, accumulate_grad_batches=2)
+    history = metric_history(mlflow_logger)
+    assert callback.global_step == 3
+    assert len(recorder.grads) == 3  # the pipeline ran once per optimizer step, not per micro-batch
+    for step in range(3):
+        # Lightning reports each micro-batch's loss already divided by accumulate_grad_batches.
+        expected = recorder.losses[2 * step] + recorder.losses[2 * step + 1]
+        assert history["OptimizeLoss/loss"][step] == pytest.approx(expected, rel=1e-6)
+
+
+def test_every_logger_gets_the_summaries_mlflow_first(mlflow_logger, tmp_path):
+    csv_logger = CSVLogger(tmp_path)
+    fit([OptimizeLoss()], steps=2, logger=[csv_logger, mlflow_logger])
+    assert set(metric_history(mlflow_logger)) >= {"OptimizeLoss/loss"}
+    csv_logger.finalize("success")
+    text = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert "OptimizeLoss/global_norm/gradient_norm" in text
+
+
+def test_learning_rate_follows_the_decay_fn_of_the_global_step(mlflow_logger):
+    schedule = functools.partial(decay.exponential_decay, decay_steps=2, decay_rate=0.5)
+    fit([OptimizeLoss()], steps=5, logger=mlflow_logger, model=TinyRegression("SGD", 0.1, schedule))
+    rates = metric_history(mlflow_logger)["OptimizeLoss/learning_rate"]
+    assert rates == pytest.approx({step: 0.1 * 0.5 ** (step / 2) for step in range(5)}, rel=1e-6)
+
+
+def test_without_increment_the_global_step_and_the_decayed_rate_stay(mlflow_logger):
+    schedule = functools.partial(decay.exponential_decay, decay_steps=2, decay_rate=0.5)
+    callback = OptimizeLoss(increment_global_step=False)
+    fit([callback], steps=4, logger=mlflow_logger, model=TinyRegression("SGD", 0.1, schedule))
+    assert callback.global_step == 0
+    # As TF: every update is summarised at global step 0, with the step-0 rate.
+    client = MlflowClient(mlflow_logger._tracking_uri)
+    rates = client.get_metric_history(mlflow_logger.run_id, "OptimizeLoss/learning_rate")
+    assert [metric.step for metric in rates] == [0, 0, 0, 0]
+    assert {metric.value for metric in rates} == {decay.exponential_decay(0.1, 0, decay_steps=2, decay_rate=0.5)}
+
+
+def test_update_ops_run_after_every_optimizer_step():
+    seen = []
+    model = TinyRegression()
+    callback = OptimizeLoss(update_ops=[lambda: seen.append(model.b2.detach().clone())])
+    fit([callback], steps=4, model=model)
+    assert len(seen) == 4
+    assert torch.equal(seen[-1], model.b2.detach())  # after the update, not before
+
+
+def test_multipliers_scale_the_update_linearly():
+    plain = RecordBatches()
+    fit([plain], steps=1)
+    scaled_model, _ = fit([OptimizeLoss(gradient_multipliers={"w2": 3.0, "b1": 0.0})], steps=1)
+    start = TinyRegression()
+    lr = 0.1
+    torch.testing.assert_close(scaled_model.w2.detach(), start.w2.detach() - lr * 3.0 * plain.grads[0]["w2"])
+    torch.testing.assert_close(scaled_model.b1.detach(), start.b1.detach())
+    torch.testing.assert_close(scaled_model.w1.detach(), plain.weights[0]["w1"])
+
+
+def test_multipliers_accept_parameter_objects():
+    model = TinyRegression()
+    fit([OptimizeLoss(gradient_multipliers={model.w1: 0.0})], steps=2, model=model)
+    torch.testing.assert_close(model.w1.detach(), TinyRegression().w1.detach())
+
+
+def test_variables_restrict_processing_and_summaries(mlflow_logger):
+    recorder = RecordBatches()
+    plain = RecordBatches()
+    fit([plain], steps=1)
+    fit(
+        [OptimizeLoss(variables=["w2"], clip_gradients=0.01, summaries=["gradient_norm"]), recorder],
+        steps=1,
+        logger=mlflow_logger,
+    )
+    grads = recorder.grads[0]
+    assert float(grads["w2"].norm()) == pytest.approx(0.01, rel=1e-5)
+    torch.testing.assert_close(grads["w1"], plain.grads[0]["w1"])
+    tags = {k for k in metric_history(mlflow_logger) if k.startswith("OptimizeLoss/")}
+    assert tags == {
+        "OptimizeLoss/gradient_norm/w2",
+        "OptimizeLoss/global_norm/gradient_norm",
+        "OptimizeLoss/global_norm/clipped_gradient_norm",
+    }
+
+
+def test_noise_is_reproducible_from_the_seed_and_differs_between_seeds():
+    runs = [fit([OptimizeLoss(gradient_noise_scale=0.5, seed=seed)], steps=3)[0] for seed in (1, 1, 2)]
+    assert torch.equal(runs[0].w1, runs[1].w1)
+    assert not torch.equal(runs[0].w1, runs[2].w1)
+
+
+def test_noise_has_the_truncated_normal_scale():
+    plain = RecordBatches()
+    fit([plain], steps=1)
+    noisy = RecordBatches()
+    fit([OptimizeLoss(gradient_noise_scale=0.1, seed=0), noisy], steps=1)
+    noise = torch.cat([(noisy.grads[0][n] - plain.grads[0][n]).reshape(-1) for n in ALL_PARAMS])
+    assert float(noise.abs().max()) <= 0.2 + 1e-6
+    assert float(noise.std()) == pytest.approx(0.088, rel=0.35)  # only 71 numbers
+
+
+def test_unseeded_noise_draws_a_seed_and_saves_it():
+    callback = OptimizeLoss(gradient_noise_scale=0.1)
+    first, _ = fit([callback], steps=2)
+    seed = callback.state_dict()["seed"]
+    assert isinstance(seed, int)
+    again, _ = fit([OptimizeLoss(gradient_noise_scale=0.1, seed=seed)], steps=2)
+    assert torch.equal(first.w1, again.w1)
+
+
+def test_clip_callable_receives_global_step_and_global_norm():
+    calls = []
+
+    def clip(grads_and_vars, global_step, global_norm):
+        calls.append((global_step, float(global_norm)))
+        return [(g * 0.5, v) for g, v in grads_and_vars]
+
+    recorder = RecordBatches()
+    plain = RecordBatches()
+    fit([plain], steps=1)
+    fit([OptimizeLoss(clip_gradients=clip), recorder], steps=3)
+    assert [step for step, _ in calls] == [0, 1, 2]
+    expected_norm = math.sqrt(sum(float(g.norm()) ** 2 for g in plain.grads[0].values()))
+    assert calls[0][1] == pytest.approx(expected_norm, rel=1e-5)
+    torch.testing.assert_close(recorder.grads[0]["w1"], plain.grads[0]["w1"] * 0.5)
+
+
+def test_tf_style_clip_callable_without_keywords_works():
+    fit([OptimizeLoss(clip_gradients=lambda pairs: [(g.clamp(-0.1, 0.1), v) for g, v in pairs])], steps=2)
+
+
+@pytest.mark.parametrize(
+    ("clip", "message"),
+    [
+        (lambda pairs: pairs[:1], "must return a list of 4"),
+        (lambda pairs: None, "must return a list of 4"),
+        (lambda pairs: [(g, g) for g, _ in pairs], "same parameter"),
+        (lambda pairs: [(g.reshape(-1), v) for g, v in pairs], "shape"),
+        (lambda pairs: [(None, v) for _, v in pairs], "shape"),
+    ],
+    ids=["too-few", "none", "wrong-param", "wrong-shape", "none-grad"],
+)
+def test_clip_callable_returning_the_wrong_structure_is_named_at_the_first_step(clip, message):
+    with pytest.raises(ValueError, match=message) as error:
+        fit([OptimizeLoss(clip_gradients=clip)], steps=1)
+    assert "<lambda>" in str(error.value)
+
+
+def test_adaptive_clipping_with_step_and_summary(mlflow_logger):
+    clip = adaptive_clipping_fn(global_step=True, report_summary=True)
+    fit([OptimizeLoss(clip_gradients=clip)], steps=5, logger=mlflow_logger)
+    history = metric_history(mlflow_logger)
+    assert sorted(history["OptimizeLoss/global_norm/adaptive_max_gradient_norm"]) == list(range(5))
+    assert float(clip.mean) != 0.0
+
+
+def test_transfers_to_host_happen_once_per_logged_step_only(mlflow_logger):
+    transfers = []
+    handle = add_transfer_hook(transfers.append)
+    try:
+        callback = OptimizeLoss(clip_gradients=1.0, gradient_noise_scale=0.01, summaries=OPTIMIZER_SUMMARIES)
+        fit([callback], steps=10, logger=mlflow_logger, log_every_n_steps=5)
+        logged = len(transfers)
+        fit([OptimizeLoss(clip_gradients=1.0, summaries=OPTIMIZER_SUMMARIES)], steps=4)  # no logger at all
+    finally:
+        handle.remove()
+    assert logged == 2  # steps 0 and 5
+    assert len(transfers) == 2
+
+
+def _fit_resumable(tmp_path, steps, ckpt_path=None, checkpoint=False):
+    schedule = functools.partial(decay.exponential_decay, decay_steps=2, decay_rate=0.7)
+    model = TinyRegression("Adam", 0.05, schedule)
+    callback = OptimizeLoss(
+        gradient_noise_scale=0.05,
+        gradient_multipliers={"w1": 0.5},
+        clip_gradients=adaptive_clipping_fn(global_step=True),
+        seed=5,
+    )
+    callbacks = [callback]
+    if checkpoint:
+        # Saved at the last batch of the first epoch: the boundary Lightning resumes exactly (a mid-epoch
+        # checkpoint of a plain DataLoader replays batches, Lightning issue #19815).
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=4))
+    trainer = make_trainer(callbacks, max_steps=steps, enable_checkpointing=checkpoint)
+    trainer.fit(model, regression_data(4), ckpt_path=ckpt_path)  # 4 batches an epoch
+    return model, callback
+
+
+def test_resume_from_a_checkpoint_continues_bit_identically(tmp_path):
+    uninterrupted, full_callback = _fit_resumable(tmp_path / "a", steps=8)
+    _fit_resumable(tmp_path / "b", steps=4, checkpoint=True)  # stops after the first epoch
+    checkpoint = next((tmp_path / "b").glob("*.ckpt"))
+    resumed, resumed_callback = _fit_resumable(tmp_path / "c", steps=8, ckpt_path=checkpoint)
+    assert resumed_callback.global_step == full_callback.global_step == 8
+    for name, param in uninterrupted.named_parameters():
+        assert torch.equal(param, dict(resumed.named_parameters())[name]), name
+    assert torch.equal(resumed_callback.clip_gradients.mean, full_callback.clip_gradients.mean)

@@ -1,0 +1,162 @@
+"""Each gradient transform on plain tensors, against its closed form."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_optloss import transforms
+
+
+def _grads(seed: int = 0, scale: float = 1.0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(3, 4), (5,), (2, 2, 2), (1,)]
+    return [torch.randn(shape, generator=generator) * scale for shape in shapes]
+
+
+def test_parameter_norms_are_each_gradients_l2_norm():
+    grads = _grads()
+    norms = transforms.parameter_norms(grads)
+    expected = torch.stack([torch.linalg.vector_norm(g) for g in grads])
+    torch.testing.assert_close(norms, expected)
+    assert norms.dtype == torch.float32
+
+
+def test_parameter_norms_of_half_precision_gradients_are_float32():
+    grads = [g.to(torch.bfloat16) for g in _grads()]
+    norms = transforms.parameter_norms(grads)
+    assert norms.dtype == torch.float32
+    expected = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+    torch.testing.assert_close(norms, expected)
+
+
+def test_parameter_norms_keep_float64_and_mixed_dtypes_in_order():
+    grads = _grads()
+    grads[1] = grads[1].double()
+    grads[2] = grads[2].to(torch.float16)
+    norms = transforms.parameter_norms(grads)
+    assert norms.dtype == torch.float64
+    expected = [float(torch.linalg.vector_norm(g.double())) for g in grads]
+    np.testing.assert_allclose(norms.numpy(), expected, rtol=1e-3)
+
+
+def test_parameter_norms_sum_squares_over_shards_with_all_reduce_sum():
+    full = torch.arange(12.0).reshape(6, 2)
+    shards = [full[:3], full[3:]]
+    # What an all-reduce over two processes computes, each holding one shard: sum of both squared norms.
+    other_square = torch.linalg.vector_norm(shards[1]).square()
+    norms = transforms.parameter_norms([shards[0]], all_reduce_sum=lambda squares: squares + other_square)
+    torch.testing.assert_close(norms[0], torch.linalg.vector_norm(full))
+
+
+def test_global_norm_is_the_norm_of_all_gradients_concatenated():
+    grads = _grads()
+    expected = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]))
+    torch.testing.assert_close(transforms.global_norm(transforms.parameter_norms(grads)), expected)
+
+
+def test_clip_leaves_small_gradients_untouched():
+    grads = _grads(scale=0.01)
+    before = [g.clone() for g in grads]
+    norm = transforms.global_norm(transforms.parameter_norms(grads))
+    factor = transforms.clip_by_global_norm_(grads, 1.0, norm)
+    assert float(factor) == 1.0
+    for g, b in zip(grads, before, strict=True):
+        assert torch.equal(g, b)
+
+
+def test_clip_scales_large_gradients_to_the_clip_norm():
+    grads = _grads(scale=10.0)
+    norm = transforms.global_norm(transforms.parameter_norms(grads))
+    factor = transforms.clip_by_global_norm_(grads, 2.5, norm)
+    assert float(transforms.global_norm(transforms.parameter_norms(grads))) == pytest.approx(2.5, rel=1e-6)
+    assert float(factor) == pytest.approx(2.5 / float(norm), rel=1e-6)
+
+
+def test_clip_matches_torch_clip_grad_norm():
+    grads = _grads(scale=10.0)
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(params, 1.5)
+    transforms.clip_by_global_norm_(grads, 1.5, transforms.global_norm(transforms.parameter_norms(grads)))
+    for p, g in zip(params, grads, strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_clip_with_infinite_norm_makes_every_gradient_nan_as_tf():
+    grads = _grads()
+    grads[0][0, 0] = math.inf
+    norm = transforms.global_norm(transforms.parameter_norms(grads))
+    transforms.clip_by_global_norm_(grads, 1.0, norm)
+    assert all(torch.isnan(g).all() for g in grads)
+
+
+def test_multipliers_scale_only_listed_gradients_linearly():
+    grads = _grads()
+    before = [g.clone() for g in grads]
+    transforms.multiply_(grads, [2.0, 1.0, -0.5, 2.0])
+    torch.testing.assert_close(grads[0], before[0] * 2.0)
+    assert torch.equal(grads[1], before[1])
+    torch.testing.assert_close(grads[2], before[2] * -0.5)
+    torch.testing.assert_close(grads[3], before[3] * 2.0)
+
+
+def test_multipliers_need_one_factor_per_gradient():
+    with pytest.raises(ValueError):
+        transforms.multiply_(_grads(), [1.0])
+
+
+def test_gradient_statistics_are_mean_population_std_min_max_norm():
+    grads = _grads()
+    norms = transforms.parameter_norms(grads)
+    stats = transforms.gradient_statistics(grads, norms)
+    assert stats.shape == (len(grads), 5)
+    for row, grad in zip(stats.numpy(), grads, strict=True):
+        values = grad.numpy().reshape(-1)
+        expected = [values.mean(), values.std(), values.min(), values.max(), np.linalg.norm(values)]
+        np.testing.assert_allclose(row, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_noise_seed_depends_on_seed_step_and_index_and_fits_63_bits():
+    seeds = {transforms.noise_seed(s, t, i) for s in range(3) for t in range(3) for i in range(3)}
+    assert len(seeds) == 27
+    assert all(0 <= seed < 2**63 for seed in seeds)
+    assert transforms.noise_seed(7, 100, 3) == transforms.noise_seed(7, 100, 3)
+
+
+@pytest.mark.parametrize("draw", [transforms.truncated_normal_by_redrawing, transforms.truncated_normal_by_inverse_cdf])
+def test_truncated_normal_is_cut_at_two_with_std_0_88(draw):
+    generator = torch.Generator().manual_seed(0)
+    sample = draw((400_000,), generator, torch.device("cpu"))
+    assert sample.dtype == torch.float32
+    assert float(sample.abs().max()) <= 2.0
+    assert abs(float(sample.mean())) < 0.005
+    assert float(sample.std()) == pytest.approx(transforms.GradientNoise.truncated_std, rel=0.01)
+    # The density is a normal's: about 68.27/95.45 of the mass within one standard deviation.
+    assert float((sample.abs() <= 1.0).float().mean()) == pytest.approx(0.6827 / 0.9545, rel=0.01)
+
+
+def test_gradient_noise_is_reproducible_per_step_and_parameter():
+    noise = transforms.GradientNoise(scale=0.1, seed=3)
+    first = noise.sample((4, 5), step=7, index=2, device=torch.device("cpu"))
+    again = transforms.GradientNoise(scale=0.1, seed=3).sample((4, 5), step=7, index=2, device=torch.device("cpu"))
+    assert torch.equal(first, again)
+    other_step = noise.sample((4, 5), step=8, index=2, device=torch.device("cpu"))
+    other_index = noise.sample((4, 5), step=7, index=3, device=torch.device("cpu"))
+    assert not torch.equal(first, other_step)
+    assert not torch.equal(first, other_index)
+
+
+def test_gradient_noise_adds_scaled_noise_in_place():
+    grads = _grads()
+    before = [g.clone() for g in grads]
+    noise = transforms.GradientNoise(scale=0.25, seed=11)
+    noise.add_(grads, [5, 6, 7, 8], step=2)
+    for position, (grad, original) in enumerate(zip(grads, before, strict=True)):
+        expected = original + 0.25 * noise.sample(grad.shape, 2, 5 + position, grad.device)
+        torch.testing.assert_close(grad, expected)
+        assert float((grad - original).abs().max()) <= 0.5 + 1e-6
