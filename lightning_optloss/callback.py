@@ -3,31 +3,43 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_optloss import strategies, transforms, validation
+from lightning_optloss import strategies, transfers, transforms, validation
 from lightning_optloss.configure import LearningRateDecay
 from lightning_optloss.parameters import ModuleParameters, NamedParameter, ParameterKey
-from lightning_optloss.summaries import (
-    GRADIENT_STATISTICS,
-    SummaryRecord,
-    deliver,
-    metric_key,
-    metric_keys,
+from lightning_optloss.pipeline import (
+    NONFINITE_MODES,
+    ClipFn,
+    GradientPipeline,
+    NoiseScale,
+    NonFiniteMonitor,
+    StepOutcome,
 )
+from lightning_optloss.summaries import SummaryRecord, deliver, metric_key, metric_keys
 from lightning_optloss.summaries import validate as validate_summaries
 
-ClipFn = Callable[..., Sequence[tuple[Tensor | None, Tensor]]]
 _OWNER = "OptimizeLoss"
 _SEED_LIMIT = 1 << 63
+
+
+class GlobalStep:
+    """TF's ``global_step``: one counter, shared by every OptimizeLoss callback of a Trainer."""
+
+    def __init__(self, value: int = 0) -> None:
+        self.value = value
+
+    def __call__(self) -> int:
+        return self.value
 
 
 class OptimizeLoss(Callback):
@@ -41,6 +53,7 @@ class OptimizeLoss(Callback):
     Args:
         gradient_noise_scale: Adds ``truncated_normal(shape) * gradient_noise_scale`` to every gradient
             (zero mean, cut at 2 standard deviations, so its std is ``0.88 * scale``). Default None (off).
+            A callable of the global step returning the scale gives a noise schedule.
             Unlike TF, the noise is drawn from a generator seeded by ``(seed, global step, parameter
             index)``: identical on every data-parallel replica and reproduced on resume.
         gradient_multipliers: ``{parameter or parameter name: factor}``; each listed gradient is multiplied.
@@ -50,7 +63,9 @@ class OptimizeLoss(Callback):
             pairs and returns the same structure with the gradients modified (e.g.
             :func:`~lightning_optloss.adaptive_clipping_fn`); if it accepts a ``global_step`` keyword it
             receives the global step, if it accepts ``global_norm`` the pre-clipping global norm (a 0-d
-            tensor). Clip callables must be picklable for ``ddp_spawn``.
+            tensor, over the full parameters also when they are sharded), if it accepts ``names`` the
+            parameter names of the pairs. Under sharded strategies (FSDP2) the pairs hold the local shards of
+            the gradients. Clip callables must be picklable for ``ddp_spawn``.
         update_ops: Zero-argument callables run after every optimizer step that OptimizeLoss processed
             (TF's ``UPDATE_OPS``, e.g. an EMA update). Default None.
         variables: Parameters, or their names, whose gradients are processed and summarised. Default: every
@@ -60,19 +75,35 @@ class OptimizeLoss(Callback):
         summaries: A subset of :data:`OPTIMIZER_SUMMARIES`. Default ``["loss", "learning_rate",
             "global_gradient_norm"]``. Unlike TF, ``learning_rate`` is logged also without a decay function.
         colocate_gradients_with_ops: Accepted for TF compatibility; it has no meaning in PyTorch.
-        increment_global_step: Whether this callback's global step advances after each optimizer step.
+        increment_global_step: Whether the global step advances after the optimizer steps this callback
+            processes. With several optimizers, use one OptimizeLoss per optimizer (``variables`` = its
+            parameters, distinct ``name``) and ``increment_global_step=False`` on all but one: they share one
+            global step, which then advances once per batch.
         seed: Seed of the gradient noise. Default None: drawn once by rank 0, shared with every rank, and
             saved in checkpoints.
+        on_nonfinite: What to do when a gradient norm is inf or NaN (checked after noise and multipliers):
+            ``"warn"`` (default) applies the update as TF does and warns, naming the first such step and its
+            parameters, at the next logged step or at the end of fit (no host synchronisation);
+            ``"skip"`` skips the optimizer step (no parameter changes, the global step, the learning rate and
+            ``update_ops`` stay; Lightning's own step counter and schedulers that are not bound to the global
+            step still advance) and warns; ``"raise"`` raises ``FloatingPointError``. ``"skip"`` and
+            ``"raise"`` read one boolean from the device per step. Under ``16-mixed`` AMP the GradScaler
+            skips such steps itself, and none of these applies. Adaptive statistics never take in a
+            non-finite norm.
 
-    The global step (:attr:`global_step`) is the callback's own, TF's ``global_step``: 0 before the first
-    update, incremented after every optimizer step unless ``increment_global_step=False``. It drives decay
-    functions, step-aware adaptive clipping, noise seeding and summary steps, and it is not Lightning's
-    ``trainer.global_step`` (which counts every optimizer of a batch). It is saved in checkpoints.
+    The global step (:attr:`global_step`) is TF's ``global_step``: 0 before the first update, incremented
+    after every optimizer step that really updated (not after steps skipped by AMP or ``on_nonfinite``)
+    unless ``increment_global_step=False``. It drives decay functions, step-aware adaptive clipping, noise
+    seeding and summary steps, is shared by the OptimizeLoss callbacks of a Trainer, and is saved in
+    checkpoints. It is not Lightning's ``trainer.global_step``, which counts every optimizer of a batch.
+
+    In manual optimization the pipeline runs inside ``opt.step()`` of ``self.optimizers()``; code that steps
+    the raw torch optimizer calls :meth:`apply` first.
     """
 
     def __init__(
         self,
-        gradient_noise_scale: float | None = None,
+        gradient_noise_scale: NoiseScale | None = None,
         gradient_multipliers: Mapping[ParameterKey, float] | None = None,
         clip_gradients: float | ClipFn | None = None,
         update_ops: Iterable[Callable[[], Any]] | None = None,
@@ -82,6 +113,7 @@ class OptimizeLoss(Callback):
         colocate_gradients_with_ops: bool = False,
         increment_global_step: bool = True,
         seed: int | None = None,
+        on_nonfinite: str = "warn",
     ) -> None:
         self.gradient_noise_scale = _check_noise_scale(gradient_noise_scale)
         self.gradient_multipliers = _check_multipliers(gradient_multipliers)
@@ -95,26 +127,29 @@ class OptimizeLoss(Callback):
         )
         self.increment_global_step = validation.boolean(_OWNER, "increment_global_step", increment_global_step)
         self.seed = _check_seed(seed)
-        self.global_step = 0
-        self._norm_summaries = bool({"gradients", "gradient_norm", "global_gradient_norm"} & set(self.summaries))
-        self._clip_keywords = {
-            keyword
-            for keyword in ("global_step", "global_norm")
-            if callable(self.clip_gradients) and validation.accepts_keyword(self.clip_gradients, keyword)
-        }
+        self.on_nonfinite = validation.choice(_OWNER, "on_nonfinite", on_nonfinite, NONFINITE_MODES)
+        self._global_step = GlobalStep()
         self._reset_run_state()
+
+    @property
+    def global_step(self) -> int:
+        """TF's global step: 0 before the first update; see the class documentation."""
+        return self._global_step.value
+
+    @global_step.setter
+    def global_step(self, value: int) -> None:
+        self._global_step.value = value
 
     def _reset_run_state(self) -> None:
         """What ``setup`` and ``on_fit_start`` resolve; not pickled (``ddp_spawn``), never checkpointed."""
-        self._params: list[NamedParameter] = []
-        self._multiplier_by_index: dict[int, float] = {}
-        self._metric_names: dict[int, str] = {}
-        self._access = strategies.GradientAccess()
-        self._noise: transforms.GradientNoise | None = None
+        self._pipeline: GradientPipeline | None = None
+        self._access: strategies.GradientAccess | None = None
         self._resolved_seed: int | None = self.seed
+        self._scaler: torch.amp.GradScaler | None = None
         self._by_optimizer: dict[int, list[NamedParameter]] = {}
+        self._monitors: dict[int, NonFiniteMonitor] = {}
         self._hooks: list[RemovableHandle] = []
-        self._processed: dict[int, SummaryRecord | None] = {}
+        self._processed: dict[int, StepOutcome] = {}
         self._ready: list[SummaryRecord] = []
         self._stepped_in_batch = False
         self._loss_sum: Tensor | None = None
@@ -124,8 +159,8 @@ class OptimizeLoss(Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in [key for key in state if key.startswith("_") and key not in _CONFIGURATION]:
-            del state[key]
+        for key in _RUN_STATE:
+            state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -141,55 +176,47 @@ class OptimizeLoss(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._check_trainer(trainer)
-        self._access = strategies.gradient_access(_OWNER, trainer.strategy)
-        parameters = ModuleParameters(pl_module)
-        self._params = parameters.select(_OWNER, "variables", self.variables)
-        self._multiplier_by_index = parameters.keyed(
-            _OWNER, "gradient_multipliers", self.gradient_multipliers, self._params
-        )
-        keys = metric_keys(_OWNER, [entry.name for entry in self._params])
-        self._metric_names = {entry.index: key for entry, key in zip(self._params, keys, strict=True)}
-        if self._resolved_seed is None:
-            self._resolved_seed = trainer.strategy.broadcast(secrets.randbelow(_SEED_LIMIT), src=0)
-        if self.gradient_noise_scale:
-            self._noise = transforms.GradientNoise(self.gradient_noise_scale, self._resolved_seed)
-        self._log_every_n_steps = trainer.log_every_n_steps
-        self._logging = bool(trainer.loggers) and bool(self.summaries)
-
-    def _check_trainer(self, trainer: pl.Trainer) -> None:
         if self.clip_gradients is not None and trainer.gradient_clip_val:
             raise ValueError(
                 f"{_OWNER}: clip_gradients={validation.show(self.clip_gradients)} and Trainer("
                 f"gradient_clip_val={trainer.gradient_clip_val}) would clip twice (Lightning clips after "
                 "OptimizeLoss); keep one of them."
             )
+        self._access = strategies.gradient_access(_OWNER, trainer.strategy)
+        self._scaler = strategies.loss_scaler(trainer)
+        first = next(callback for callback in trainer.callbacks if isinstance(callback, OptimizeLoss))
+        if first is not self:
+            self._global_step = first._global_step
+        if self._resolved_seed is None:
+            self._resolved_seed = trainer.strategy.broadcast(secrets.randbelow(_SEED_LIMIT), src=0)
+        self._log_every_n_steps = trainer.log_every_n_steps
+        self._logging = bool(trainer.loggers) and bool(self.summaries)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        unclaimed = {entry.index: entry for entry in self._params}
-        for optimizer in trainer.optimizers:
-            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            mine = [entry for entry in self._params if id(entry.param) in held]
-            if not mine:
-                continue
-            self._by_optimizer[id(optimizer)] = mine
-            for entry in mine:
-                unclaimed.pop(entry.index, None)
-            self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
-        if unclaimed:
-            names = ", ".join(repr(entry.name) for entry in unclaimed.values())
-            raise ValueError(
-                f"{_OWNER}: `variables` includes parameters that no optimizer of the Trainer updates: "
-                f"{names}. "
-                "Pass only optimized parameters (configure_optimizers(..., variables=...) chooses those)."
-            )
+        # Parameters are resolved here, after configure_model (FSDP2 replaces them by DTensors there).
+        parameters = ModuleParameters(pl_module)
+        params = parameters.select(_OWNER, "variables", self.variables)
+        multipliers = parameters.keyed(_OWNER, "gradient_multipliers", self.gradient_multipliers, params)
+        keys = metric_keys(_OWNER, [entry.name for entry in params])
+        by_optimizer = _params_by_optimizer(trainer.optimizers, params)
+        noise = transforms.GradientNoise(self._resolved_seed) if self.gradient_noise_scale is not None else None
+        self._pipeline = GradientPipeline(
+            name=self.name,
+            noise=noise,
+            noise_scale=self.gradient_noise_scale,
+            multipliers=multipliers,
+            clip=self.clip_gradients,
+            summaries=self.summaries,
+            access=self._access,
+            metric_keys={entry.index: key for entry, key in zip(params, keys, strict=True)},
+            on_nonfinite=self.on_nonfinite,
+        )
+        self._by_optimizer = {id(optimizer): entries for optimizer, entries in by_optimizer}
+        self._hooks = [optimizer.register_step_post_hook(self._after_optimizer_step) for optimizer, _ in by_optimizer]
         for config in trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             if isinstance(scheduler, LearningRateDecay) and id(scheduler.optimizer) in self._by_optimizer:
-                scheduler.bind_global_step(self._current_global_step)
-
-    def _current_global_step(self) -> int:
-        return self.global_step
+                scheduler.bind_global_step(self._global_step)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for handle in self._hooks:
@@ -202,105 +229,57 @@ class OptimizeLoss(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        self._stepped_in_batch = True
-        entries = self._by_optimizer.get(id(optimizer))
-        if entries:
-            self._processed[id(optimizer)] = self.process(optimizer, entries)
+        self.apply(optimizer)
 
-    def process(self, optimizer: Optimizer, entries: list[NamedParameter]) -> SummaryRecord | None:
-        """Run noise → multipliers → clipping on the gradients of ``entries``; return the step's summaries.
+    def apply(self, optimizer: Optimizer) -> None:
+        """Run the pipeline on ``optimizer``'s gradients now, once per optimizer step.
 
-        Returns the summaries (still on the device) when this global step logs, else None.
+        Lightning calls it before every optimizer step, automatic or manual (``opt.step()`` of
+        ``self.optimizers()``); call it yourself only in manual optimization that steps the raw torch
+        optimizer (``self.optimizers(use_pl_optimizer=False)``), after the backward pass and before
+        ``step()``. A second call before the step does nothing.
         """
-        grads_or_none = self._access.grads([entry.param for entry in entries])
-        live = [(entry, grad) for entry, grad in zip(entries, grads_or_none, strict=True) if grad is not None]
-        if not live:
-            raise ValueError(
-                f"{_OWNER}: no gradient reached any of the {len(entries)} parameters this optimizer updates "
-                "(TF: 'No gradients provided for any variable'); does the loss depend on them?"
-            )
-        entries = [entry for entry, _ in live]
-        grads = [grad for _, grad in live]
+        if self._pipeline is None:
+            raise RuntimeError(f"{_OWNER}.apply() runs during trainer.fit(), after the callback's on_fit_start.")
+        self._stepped_in_batch = True
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+        entries = self._by_optimizer.get(id(optimizer))
+        if not entries or id(optimizer) in self._processed:
+            return
         step = self.global_step
         logging = self._logging and step % self._log_every_n_steps == 0
-        if self._noise is not None:
-            self._noise.add_(grads, [entry.index for entry in entries], step)
-        if self._multiplier_by_index:
-            transforms.multiply_(grads, [self._multiplier_by_index.get(e.index, 1.0) for e in entries])
-        record = SummaryRecord(step) if logging else None
-        norms_logged = logging and self._norm_summaries
-        norms = None
-        if norms_logged or isinstance(self.clip_gradients, float) or "global_norm" in self._clip_keywords:
-            norms = transforms.parameter_norms(grads, self._access.all_reduce_sum)
-        if record is not None:
-            self._record_before_clipping(record, optimizer, norms)
-        norms = self._clip(grads, entries, norms, step, norms_logged)
-        if record is not None:
-            self._record_after_clipping(record, grads, entries, norms)
-        return record
+        gradients = self._pipeline.gather(entries)
+        monitor = None
+        if self.on_nonfinite == "warn" and self._scaler is None:
+            monitor = self._monitors.get(id(optimizer))
+            if monitor is None:
+                names = [entry.name for entry in entries]
+                monitor = self._monitors[id(optimizer)] = NonFiniteMonitor(names, gradients.grads[0].device)
+        outcome = self._pipeline.run(optimizer, gradients, step, logging, monitor)
+        if outcome.skip and self._scaler is None:
+            self._handle_nonfinite(optimizer, step, outcome.nonfinite_names)
+        self._processed[id(optimizer)] = outcome
 
-    def _clip(
-        self,
-        grads: list[Tensor],
-        entries: list[NamedParameter],
-        norms: Tensor | None,
-        step: int,
-        norms_logged: bool,
-    ) -> Tensor | None:
-        """Clip in place; return the per-parameter norms after clipping when known or logged."""
-        clip = self.clip_gradients
-        if clip is None:
-            return norms
-        if isinstance(clip, float):
-            factor = transforms.clip_by_global_norm_(grads, clip, transforms.global_norm(norms))
-            return norms * factor
-        keywords: dict[str, Any] = {}
-        if "global_step" in self._clip_keywords:
-            keywords["global_step"] = step
-        if "global_norm" in self._clip_keywords:
-            keywords["global_norm"] = transforms.global_norm(norms)
-        pairs = [(grad, entry.param) for grad, entry in zip(grads, entries, strict=True)]
-        returned = clip(pairs, **keywords)
-        for grad, new in zip(grads, _clipped_gradients(clip, pairs, returned), strict=True):
-            if new is not grad:
-                grad.copy_(new)
-        return transforms.parameter_norms(grads, self._access.all_reduce_sum) if norms_logged else None
-
-    def _global_norms_logged(self) -> bool:
-        # TF logs both global norms for either summary name.
-        return "global_gradient_norm" in self.summaries or "gradient_norm" in self.summaries
-
-    def _record_before_clipping(self, record: SummaryRecord, optimizer: Optimizer, norms: Tensor | None) -> None:
-        if "learning_rate" in self.summaries:
-            record.add(f"{self.name}/learning_rate", optimizer.param_groups[0]["lr"])
-        if norms is not None and self._global_norms_logged():
-            record.add(f"{self.name}/global_norm/gradient_norm", transforms.global_norm(norms))
-
-    def _record_after_clipping(
-        self, record: SummaryRecord, grads: list[Tensor], entries: list[NamedParameter], norms: Tensor | None
-    ) -> None:
-        for tag, value in getattr(self.clip_gradients, "summaries", dict)().items():
-            record.add(f"{self.name}/{tag}", value)
-        if norms is None:
-            return
-        keys = [self._metric_names[entry.index] for entry in entries]
-        if self.clip_gradients is not None and self._global_norms_logged():
-            record.add(f"{self.name}/global_norm/clipped_gradient_norm", transforms.global_norm(norms))
-        if "gradient_norm" in self.summaries:
-            record.add_rows([f"{self.name}/gradient_norm/{key}" for key in keys], norms)
-        if "gradients" in self.summaries:
-            tags = [f"{self.name}/gradients/{key}/{statistic}" for key in keys for statistic in GRADIENT_STATISTICS]
-            record.add_rows(tags, transforms.gradient_statistics(grads, norms))
+    def _handle_nonfinite(self, optimizer: Optimizer, step: int, names: list[str]) -> None:
+        shown = ", ".join(repr(name) for name in names[:5]) + (" ..." if len(names) > 5 else "")
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(
+                f"{_OWNER}: non-finite gradients at global step {step} in {shown} (on_nonfinite='raise')."
+            )
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                param.grad = None  # the optimizer then updates nothing: the step is skipped
+        rank_zero_warn(f"{_OWNER}: skipped the optimizer step at global step {step}: non-finite gradients in {shown}.")
 
     def _after_optimizer_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        """Runs after an optimizer update that really happened (AMP skips both the update and this)."""
-        if id(optimizer) not in self._processed:
+        """Runs after ``optimizer.step()`` (not after a step AMP skipped: the GradScaler does not call it)."""
+        outcome = self._processed.get(id(optimizer))
+        if outcome is None or outcome.skip:
             return
-        record = self._processed.pop(id(optimizer))
         for update_op in self.update_ops:
             update_op()
-        if record is not None:
-            self._ready.append(record)
+        if outcome.record is not None:
+            self._ready.append(outcome.record)
         if self.increment_global_step:
             self.global_step += 1
 
@@ -314,19 +293,44 @@ class OptimizeLoss(Callback):
             self._loss_count += 1
         if not self._stepped_in_batch:
             return
-        if self._loss_sum is not None:
-            # Lightning divides automatic-optimization losses by accumulate_grad_batches already.
-            mean_loss = self._loss_sum if pl_module.automatic_optimization else self._loss_sum / self._loss_count
-            for record in self._ready:
-                record.add(f"{self.name}/loss", mean_loss)
-        if trainer.is_global_zero:
-            for record in self._ready:
-                deliver(trainer.loggers, record.resolve(), record.step)
+        if self._ready:
+            self._complete_records(pl_module)
+            if trainer.is_global_zero:
+                self._deliver(trainer)
         self._ready.clear()
         self._processed.clear()
         self._stepped_in_batch = False
         self._loss_sum = None
         self._loss_count = 0
+
+    def _complete_records(self, pl_module: pl.LightningModule) -> None:
+        """Add the step's loss (averaged over replicas: a collective every rank runs) and pending warnings."""
+        if self._loss_sum is not None:
+            # Lightning divides automatic-optimization losses by accumulate_grad_batches already.
+            loss = self._loss_sum if pl_module.automatic_optimization else self._loss_sum / self._loss_count
+            loss = self._access.mean_over_replicas(loss)
+            for record in self._ready:
+                record.add(f"{self.name}/loss", loss)
+        for key, monitor in self._monitors.items():
+            self._ready[-1].add_extra(f"nonfinite/{key}", monitor.pending())
+
+    def _deliver(self, trainer: pl.Trainer) -> None:
+        for record in self._ready:
+            metrics, extras = record.resolve()
+            deliver(trainer.loggers, metrics, record.step)
+            for key, values in extras.items():
+                self._warn_nonfinite(self._monitors[int(key.split("/")[1])], values)
+
+    @staticmethod
+    def _warn_nonfinite(monitor: NonFiniteMonitor, values: list[float]) -> None:
+        message = monitor.report(values)
+        if message:
+            rank_zero_warn(message)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            for monitor in self._monitors.values():
+                self._warn_nonfinite(monitor, transfers.to_host(monitor.pending()))
 
     # ------------------------------------------------------------------ state
 
@@ -340,47 +344,59 @@ class OptimizeLoss(Callback):
         self.global_step = int(state_dict["global_step"])
         if state_dict.get("seed") is not None:
             self._resolved_seed = int(state_dict["seed"])
-            if self._noise is not None:
-                self._noise.seed = self._resolved_seed
+            if self._pipeline is not None and self._pipeline.noise is not None:
+                self._pipeline.noise.seed = self._resolved_seed
         if "clip_gradients" in state_dict and hasattr(self.clip_gradients, "load_state_dict"):
             self.clip_gradients.load_state_dict(state_dict["clip_gradients"])
 
 
-# What __init__ sets from its arguments: kept when pickled for ddp_spawn; the rest is rebuilt at setup.
-_CONFIGURATION = frozenset({"_norm_summaries", "_clip_keywords"})
+# Resolved by setup/on_fit_start from the Trainer: dropped when pickled for ddp_spawn, rebuilt in the worker.
+_RUN_STATE = (
+    "_pipeline",
+    "_access",
+    "_scaler",
+    "_by_optimizer",
+    "_monitors",
+    "_hooks",
+    "_processed",
+    "_ready",
+    "_stepped_in_batch",
+    "_loss_sum",
+    "_loss_count",
+    "_log_every_n_steps",
+    "_logging",
+)
 
 
-def _clipped_gradients(clip: ClipFn, pairs: list[tuple[Tensor, Tensor]], returned: Any) -> list[Tensor]:
-    """The gradients a clip callable returned, checked against TF's contract."""
-    fn = validation.callable_name(clip)
-    if not isinstance(returned, (list, tuple)) or len(returned) != len(pairs):
+def _params_by_optimizer(
+    optimizers: list[Optimizer], params: list[NamedParameter]
+) -> list[tuple[Optimizer, list[NamedParameter]]]:
+    """The processed parameters each optimizer updates; an error for any that no optimizer updates."""
+    pairs = []
+    unclaimed = {entry.index: entry for entry in params}
+    for optimizer in optimizers:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        mine = [entry for entry in params if id(entry.param) in held]
+        if mine:
+            pairs.append((optimizer, mine))
+            for entry in mine:
+                unclaimed.pop(entry.index, None)
+    if unclaimed:
+        names = ", ".join(repr(entry.name) for entry in unclaimed.values())
         raise ValueError(
-            f"{_OWNER}: clip_gradients callable {fn} must return a list of {len(pairs)} "
-            "(gradient, parameter) pairs, like the one it was given; "
-            f"it returned {validation.show(returned)}."
+            f"{_OWNER}: `variables` includes parameters that no optimizer of the Trainer updates: {names}. "
+            "Pass only optimized parameters (configure_optimizers(..., variables=...) chooses those)."
         )
-    grads = []
-    for position, (item, (grad, param)) in enumerate(zip(returned, pairs, strict=True)):
-        if not isinstance(item, (list, tuple)) or len(item) != 2 or item[1] is not param:
-            raise ValueError(
-                f"{_OWNER}: clip_gradients callable {fn} returned {validation.show(item)} at position "
-                f"{position}; expected the pair (gradient, parameter) with the same parameter as given."
-            )
-        new = item[0]
-        if not isinstance(new, Tensor) or new.shape != grad.shape:
-            shape = tuple(new.shape) if isinstance(new, Tensor) else None
-            raise ValueError(
-                f"{_OWNER}: clip_gradients callable {fn} returned a gradient of shape {shape} "
-                f"({validation.show(new) if shape is None else 'a tensor'}) at position {position}; the "
-                f"parameter's gradient has shape {tuple(grad.shape)}."
-            )
-        grads.append(new)
-    return grads
+    return pairs
 
 
-def _check_noise_scale(value: Any) -> float | None:
-    if value is None:
-        return None
+def _check_noise_scale(value: Any) -> NoiseScale | None:
+    if value is None or (callable(value) and not isinstance(value, type)):
+        return value
+    if not validation.is_real(value):
+        raise validation.invalid(
+            _OWNER, "gradient_noise_scale", "None, a finite number >= 0, or a callable of the global step", value
+        )
     return validation.real(_OWNER, "gradient_noise_scale", value, minimum=0.0)
 
 

@@ -70,6 +70,7 @@ class SummaryRecord:
     values: dict[str, float] = field(default_factory=dict)
     tensors: dict[str, Tensor] = field(default_factory=dict)
     vectors: list[tuple[list[str], Tensor]] = field(default_factory=list)
+    extras: dict[str, Tensor] = field(default_factory=dict)
 
     def add(self, tag: str, value: Tensor | float) -> None:
         if isinstance(value, Tensor):
@@ -81,23 +82,33 @@ class SummaryRecord:
         """Add ``values.reshape(-1)[i]`` under ``tags[i]``."""
         self.vectors.append((tags, values))
 
-    def resolve(self) -> dict[str, float]:
-        """All values as Python floats, with one device-to-host transfer for all the tensors."""
+    def add_extra(self, key: str, values: Tensor) -> None:
+        """Values that travel with the summaries but are not metrics (e.g. non-finite bookkeeping)."""
+        self.extras[key] = values
+
+    def resolve(self) -> tuple[dict[str, float], dict[str, list[float]]]:
+        """The metrics and the extras as Python floats, with one device-to-host transfer for all tensors."""
         parts = [value.reshape(-1) for value in self.tensors.values()]
         parts += [values.reshape(-1) for _, values in self.vectors]
-        resolved = dict(self.values)
+        parts += [values.reshape(-1) for values in self.extras.values()]
+        metrics = dict(self.values)
         if not parts:
-            return resolved
+            return metrics, {}
         device = parts[0].device
         dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-        flat = torch.cat([part.to(device, dtype) for part in parts])
-        numbers = iter(transfers.to_host(flat))
+        numbers = transfers.to_host(torch.cat([part.to(device, dtype) for part in parts]))
+        position = 0
         for tag in self.tensors:
-            resolved[tag] = next(numbers)
+            metrics[tag] = numbers[position]
+            position += 1
         for tags, _ in self.vectors:
-            for tag in tags:
-                resolved[tag] = next(numbers)
-        return resolved
+            metrics.update(zip(tags, numbers[position : position + len(tags)], strict=True))
+            position += len(tags)
+        extras = {}
+        for key, values in self.extras.items():
+            extras[key] = numbers[position : position + values.numel()]
+            position += values.numel()
+        return metrics, extras
 
 
 def mlflow_first(loggers: Iterable[Logger]) -> list[Logger]:

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning_optloss.strategies import ShardLayout
 
 AllReduceSum = Callable[[Tensor], Tensor]
 
@@ -80,20 +84,41 @@ def multiply_(grads: Sequence[Tensor], multipliers: Sequence[float]) -> None:
         torch._foreach_mul_(group, multiplier)
 
 
-def gradient_statistics(grads: Sequence[Tensor], norms: Tensor) -> Tensor:
-    """Per-gradient ``[mean, std, min, max, norm]`` as a ``(len(grads), 5)`` tensor.
+def local_moments(grads: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """Per-gradient ``[count, mean, m2, min, max]`` (``m2``: sum of squared deviations) as ``(len(grads), 5)``.
 
-    ``std`` is the population standard deviation (TF's histogram summaries keep ``sum`` and ``sum_squares``,
-    from which it is ``sqrt(sum_squares / n - mean ** 2)``). ``norms`` are the gradients' norms, already
-    computed by :func:`parameter_norms`.
+    Moments of shards combine exactly with :func:`combine_moments`; an empty shard is ``[0, 0, 0, inf, -inf]``.
     """
     rows = []
-    for grad, norm in zip(grads, norms, strict=True):
-        values = grad.detach().reshape(-1).to(norms.dtype)
-        std, mean = torch.std_mean(values, correction=0)
+    for grad in grads:
+        values = grad.detach().reshape(-1).to(dtype)
+        if values.numel() == 0:
+            rows.append(torch.tensor([0.0, 0.0, 0.0, math.inf, -math.inf], dtype=dtype, device=grad.device))
+            continue
+        variance, mean = torch.var_mean(values, correction=0)
         low, high = torch.aminmax(values)
-        rows.append(torch.stack([mean, std, low, high, norm]))
+        count = torch.full((), values.numel(), dtype=dtype, device=grad.device)
+        rows.append(torch.stack([count, mean, variance * count, low, high]))
     return torch.stack(rows)
+
+
+def combine_moments(parts: Tensor) -> Tensor:
+    """Combine ``(shards, n, 5)`` moments of the shards of ``n`` tensors into ``(n, 5)`` (Chan et al.)."""
+    count = parts[..., 0].sum(0)
+    mean = (parts[..., 0] * parts[..., 1]).sum(0) / count
+    m2 = parts[..., 2].sum(0) + (parts[..., 0] * (parts[..., 1] - mean).square()).sum(0)
+    return torch.stack([count, mean, m2, parts[..., 3].amin(0), parts[..., 4].amax(0)], dim=-1)
+
+
+def gradient_statistics(moments: Tensor, norms: Tensor) -> Tensor:
+    """Per-gradient ``[mean, std, min, max, norm]`` from :func:`local_moments` rows and the gradients' norms.
+
+    ``std`` is the population standard deviation, as TF's histogram summaries (``sum`` and ``sum_squares``)
+    give it.
+    """
+    count, mean, m2 = moments[:, 0], moments[:, 1], moments[:, 2]
+    std = (m2 / count).clamp(min=0.0).sqrt()
+    return torch.stack([mean, std, moments[:, 3], moments[:, 4], norms.to(moments.dtype)], dim=-1)
 
 
 def _splitmix64(value: int) -> int:
@@ -146,18 +171,17 @@ class GradientNoise:
     The noise added to parameter ``index`` at global step ``step`` is drawn from a generator seeded with
     :func:`noise_seed` ``(seed, step, index)``, so every data-parallel replica adds the same noise (TF drew
     unseeded noise per replica, and replicas drifted apart), a resumed run adds the noise the uninterrupted
-    run would have, and noise never depends on the order in which parameters are visited. Peak extra memory
-    is the largest parameter's noise.
+    run would have, and noise never depends on the order in which parameters are visited. A sharded gradient
+    gets its slice of the full parameter's noise, so results do not depend on the world size. Peak extra
+    memory is the largest parameter's noise.
 
     Args:
-        scale: Multiplies the truncated normal; the noise's standard deviation is ``0.8796 * scale``.
         seed: Any integer in ``[0, 2**63)``.
     """
 
     truncated_std = _TRUNCATED_STD
 
-    def __init__(self, scale: float, seed: int) -> None:
-        self.scale = scale
+    def __init__(self, seed: int) -> None:
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
 
@@ -169,7 +193,25 @@ class GradientNoise:
         generator.manual_seed(noise_seed(self.seed, step, index))
         return truncated_normal(shape, generator, device)
 
-    def add_(self, grads: Sequence[Tensor], indices: Sequence[int], step: int) -> None:
-        """Add ``scale`` times the noise of ``indices[i]`` at ``step`` to ``grads[i]`` in place."""
-        for grad, index in zip(grads, indices, strict=True):
-            grad.add_(self.sample(grad.shape, step, index, grad.device), alpha=self.scale)
+    def add_(
+        self,
+        grads: Sequence[Tensor],
+        indices: Sequence[int],
+        step: int,
+        scale: float,
+        layouts: Sequence[ShardLayout | None] | None = None,
+    ) -> None:
+        """Add ``scale`` times the noise of ``indices[i]`` at ``step`` to ``grads[i]`` in place.
+
+        ``layouts[i]``, when given and not None, says where the shard ``grads[i]`` sits in its parameter.
+        """
+        layouts = layouts or [None] * len(grads)
+        for grad, index, layout in zip(grads, indices, layouts, strict=True):
+            if layout is None:
+                noise = self.sample(grad.shape, step, index, grad.device)
+            else:
+                noise = layout.local_part(self.sample(layout.full_shape, step, index, grad.device))
+            grad.add_(noise, alpha=scale)
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"seed": self.seed, "_generators": {}}  # generators do not pickle; they are re-made

@@ -254,8 +254,9 @@ def test_transfers_to_host_happen_once_per_logged_step_only(mlflow_logger):
         fit([OptimizeLoss(clip_gradients=1.0, summaries=OPTIMIZER_SUMMARIES)], steps=4)  # no logger at all
     finally:
         handle.remove()
-    assert logged == 2  # steps 0 and 5
-    assert len(transfers) == 2
+    # Steps 0 and 5, then one at the end of fit for the non-finite check of the steps since the last log.
+    assert logged == 3
+    assert len(transfers) == 4
 
 
 def _fit_resumable(tmp_path, steps, ckpt_path=None, checkpoint=False):
@@ -286,3 +287,123 @@ def test_resume_from_a_checkpoint_continues_bit_identically(tmp_path):
     for name, param in uninterrupted.named_parameters():
         assert torch.equal(param, dict(resumed.named_parameters())[name]), name
     assert torch.equal(resumed_callback.clip_gradients.mean, full_callback.clip_gradients.mean)
+
+
+class NonFiniteAt(TinyRegression):
+    """The loss, hence every gradient, is infinite at the batches in ``bad_batches``."""
+
+    def __init__(self, bad_batches, **kwargs):
+        super().__init__(**kwargs)
+        self.bad_batches = set(bad_batches)
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * math.inf if batch_idx in self.bad_batches else loss
+
+
+def test_nonfinite_gradients_warn_by_default_naming_the_step_and_parameters(mlflow_logger):
+    callback = OptimizeLoss()
+    # Once the weights are NaN every later gradient is too: four steps, the first at global step 2.
+    with pytest.warns(UserWarning, match=r"in 4 optimizer step\(s\), the first at global step 2 in 'w1', 'b1'"):
+        model, _ = fit([callback], steps=6, model=NonFiniteAt({2, 3}), logger=mlflow_logger, log_every_n_steps=5)
+    assert callback.global_step == 6  # TF's behaviour: the updates were applied
+    assert not torch.isfinite(model.w1).all()
+
+
+def test_nonfinite_warning_without_logger_comes_at_the_end_of_fit():
+    with pytest.warns(UserWarning, match="'w1', 'b1', 'w2', 'b2'"):
+        fit([OptimizeLoss()], steps=3, model=NonFiniteAt({1}))
+
+
+def test_nonfinite_gradients_skip_the_step_and_keep_the_global_step():
+    schedule = functools.partial(decay.exponential_decay, decay_steps=1, decay_rate=0.5)
+    skipping = OptimizeLoss(on_nonfinite="skip", clip_gradients=adaptive_clipping_fn(global_step=True))
+    with pytest.warns(UserWarning, match="skipped the optimizer step at global step 2"):
+        skipped, trainer = fit([skipping], steps=5, model=NonFiniteAt({2}, optimizer="SGD", decay_fn=schedule))
+    assert trainer.global_step == 5 and skipping.global_step == 4
+    assert all(torch.isfinite(p).all() for p in skipped.parameters())
+    assert math.isfinite(float(skipping.clip_gradients.mean))
+    # The skipped batch changed nothing: same weights as a run that never saw it, at the same rates.
+    clean = OptimizeLoss(clip_gradients=adaptive_clipping_fn(global_step=True))
+    dataset = regression_data(5).dataset
+    kept = torch.utils.data.Subset(dataset, [i for i in range(len(dataset)) if not 16 <= i < 24])  # not batch 2
+    reference = TinyRegression("SGD", 0.1, schedule)
+    make_trainer([clean], max_steps=4).fit(reference, torch.utils.data.DataLoader(kept, batch_size=8))
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(param, dict(skipped.named_parameters())[name])
+
+
+def test_nonfinite_gradients_raise_when_asked():
+    with pytest.raises(FloatingPointError, match="non-finite gradients at global step 1"):
+        fit([OptimizeLoss(on_nonfinite="raise")], steps=3, model=NonFiniteAt({1}))
+
+
+def test_noise_scale_can_follow_the_global_step():
+    scales = []
+
+    def schedule(step):
+        scales.append(step)
+        return 0.0 if step % 2 else 0.3
+
+    plain = RecordBatches()
+    fit([plain], steps=2)
+    noisy = RecordBatches()
+    fit([OptimizeLoss(gradient_noise_scale=schedule, seed=1), noisy], steps=2)
+    assert scales == [0, 1]
+    assert not torch.equal(noisy.grads[0]["w1"], plain.grads[0]["w1"])
+    # Step 1 has no noise, but its gradients differ because step 0's noise moved the weights.
+    with pytest.raises(ValueError, match="returned -1 at global step 0"):
+        fit([OptimizeLoss(gradient_noise_scale=lambda step: -1)], steps=1)
+
+
+class TwoOptimizers(TinyRegression):
+    """Manual optimization with one optimizer for the first layer and one for the second."""
+
+    def __init__(self, raw: bool = False):
+        super().__init__()
+        self.automatic_optimization = False
+        self.raw = raw
+        self.callbacks: list[OptimizeLoss] = []
+
+    def training_step(self, batch, batch_idx):
+        first, second = self.optimizers(use_pl_optimizer=not self.raw)
+        x, y = batch
+        loss = torch.mean((self(x) - y) ** 2)
+        first.zero_grad()
+        second.zero_grad()
+        self.manual_backward(loss)
+        for optimizer in (first, second):
+            if self.raw:
+                for callback in self.callbacks:
+                    callback.apply(optimizer)
+            optimizer.step()
+        return loss
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD([self.w1, self.b1], lr=0.1), torch.optim.SGD([self.w2, self.b2], lr=0.1)]
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["lightning-optimizers", "raw-optimizers-with-apply"])
+def test_several_optimizers_share_one_global_step_per_batch(raw, mlflow_logger):
+    first = OptimizeLoss(variables=["w1", "b1"], name="First", clip_gradients=0.5, increment_global_step=False)
+    second = OptimizeLoss(variables=["w2", "b2"], name="Second", clip_gradients=0.5)
+    model = TwoOptimizers(raw=raw)
+    model.callbacks = [first, second]
+    # Lightning's max_steps counts every optimizer step, and none of a raw optimizer's: bound by epochs.
+    make_trainer([first, second], logger=mlflow_logger, max_epochs=1).fit(model, regression_data(3))
+    assert first.global_step == second.global_step == 3
+    history = metric_history(mlflow_logger)
+    assert sorted(history["First/global_norm/clipped_gradient_norm"]) == [0, 1, 2]
+    assert history["Second/global_norm/clipped_gradient_norm"][0] == pytest.approx(0.5, rel=1e-5)
+    assert history["First/loss"][1] == pytest.approx(history["Second/loss"][1])
+
+
+def test_callback_pickles_without_its_run_state():
+    import pickle
+
+    callback = OptimizeLoss(gradient_noise_scale=0.1, clip_gradients=adaptive_clipping_fn(), seed=3)
+    fit([callback], steps=2)
+    clone = pickle.loads(pickle.dumps(callback))
+    assert clone.global_step == 2 and clone.seed == 3
+    assert clone._pipeline is None and clone._hooks == []
+    torch.testing.assert_close(clone.clip_gradients.mean, callback.clip_gradients.mean)

@@ -113,12 +113,20 @@ def test_multipliers_need_one_factor_per_gradient():
 def test_gradient_statistics_are_mean_population_std_min_max_norm():
     grads = _grads()
     norms = transforms.parameter_norms(grads)
-    stats = transforms.gradient_statistics(grads, norms)
+    stats = transforms.gradient_statistics(transforms.local_moments(grads, torch.float32), norms)
     assert stats.shape == (len(grads), 5)
     for row, grad in zip(stats.numpy(), grads, strict=True):
         values = grad.numpy().reshape(-1)
         expected = [values.mean(), values.std(), values.min(), values.max(), np.linalg.norm(values)]
         np.testing.assert_allclose(row, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_moments_of_shards_combine_to_the_moments_of_the_whole():
+    whole = torch.randn(11, 3, generator=torch.Generator().manual_seed(4)) * 3 + 1
+    shards = list(torch.chunk(whole, 4, dim=0)) + [whole[:0]]  # torch.chunk's split, plus an empty shard
+    parts = torch.stack([transforms.local_moments([shard], torch.float64) for shard in shards])
+    combined = transforms.combine_moments(parts)
+    torch.testing.assert_close(combined, transforms.local_moments([whole], torch.float64))
 
 
 def test_noise_seed_depends_on_seed_step_and_index_and_fits_63_bits():
@@ -141,9 +149,9 @@ def test_truncated_normal_is_cut_at_two_with_std_0_88(draw):
 
 
 def test_gradient_noise_is_reproducible_per_step_and_parameter():
-    noise = transforms.GradientNoise(scale=0.1, seed=3)
+    noise = transforms.GradientNoise(seed=3)
     first = noise.sample((4, 5), step=7, index=2, device=torch.device("cpu"))
-    again = transforms.GradientNoise(scale=0.1, seed=3).sample((4, 5), step=7, index=2, device=torch.device("cpu"))
+    again = transforms.GradientNoise(seed=3).sample((4, 5), step=7, index=2, device=torch.device("cpu"))
     assert torch.equal(first, again)
     other_step = noise.sample((4, 5), step=8, index=2, device=torch.device("cpu"))
     other_index = noise.sample((4, 5), step=7, index=3, device=torch.device("cpu"))
@@ -154,8 +162,8 @@ def test_gradient_noise_is_reproducible_per_step_and_parameter():
 def test_gradient_noise_adds_scaled_noise_in_place():
     grads = _grads()
     before = [g.clone() for g in grads]
-    noise = transforms.GradientNoise(scale=0.25, seed=11)
-    noise.add_(grads, [5, 6, 7, 8], step=2)
+    noise = transforms.GradientNoise(seed=11)
+    noise.add_(grads, [5, 6, 7, 8], step=2, scale=0.25)
     for position, (grad, original) in enumerate(zip(grads, before, strict=True)):
         expected = original + 0.25 * noise.sample(grad.shape, 2, 5 + position, grad.device)
         torch.testing.assert_close(grad, expected)
