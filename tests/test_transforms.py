@@ -123,7 +123,7 @@ def test_gradient_statistics_are_mean_population_std_min_max_norm():
 
 def test_moments_of_shards_combine_to_the_moments_of_the_whole():
     whole = torch.randn(11, 3, generator=torch.Generator().manual_seed(4)) * 3 + 1
-    shards = list(torch.chunk(whole, 4, dim=0)) + [whole[:0]]  # torch.chunk's split, plus an empty shard
+    shards = [*torch.chunk(whole, 4, dim=0), whole[:0]]  # torch.chunk split, plus an empty shard
     parts = torch.stack([transforms.local_moments([shard], torch.float64) for shard in shards])
     combined = transforms.combine_moments(parts)
     torch.testing.assert_close(combined, transforms.local_moments([whole], torch.float64))
