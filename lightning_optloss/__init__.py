@@ -5,12 +5,18 @@
 - :func:`configure_optimizers`: TF's optimizers (by name, class, callable or instance) and learning-rate
   decay, for ``LightningModule.configure_optimizers``.
 - :func:`adaptive_clipping_fn`, :mod:`decay`: TF's adaptive clipping and learning-rate schedules.
+- Beyond TF: :func:`agc_clipping_fn` (unit-wise adaptive gradient clipping), :func:`autoclip_fn`
+  (percentile clipping), :func:`annealed_noise_scale` (annealed gradient noise); warmup schedules in
+  :mod:`decay`; per-group clipping in :mod:`lightning_optloss.transforms`.
 """
 
 from lightning_optloss import decay
 from lightning_optloss.adaptive_clipping import AdaptiveClipping, adaptive_clipping_fn
+from lightning_optloss.agc import UnitwiseClipping, agc_clipping_fn
+from lightning_optloss.autoclip import AutoClipping, autoclip_fn
 from lightning_optloss.callback import OptimizeLoss
 from lightning_optloss.configure import LearningRateDecay, configure_optimizers
+from lightning_optloss.noise_schedules import AnnealedNoiseScale, annealed_noise_scale
 from lightning_optloss.optimizers import OPTIMIZER_CLS_NAMES
 from lightning_optloss.summaries import OPTIMIZER_SUMMARIES
 from lightning_optloss.transfers import add_transfer_hook
@@ -21,11 +27,17 @@ __all__ = [
     "OPTIMIZER_CLS_NAMES",
     "OPTIMIZER_SUMMARIES",
     "AdaptiveClipping",
+    "AnnealedNoiseScale",
+    "AutoClipping",
     "LearningRateDecay",
     "OptimizeLoss",
+    "UnitwiseClipping",
     "__version__",
     "adaptive_clipping_fn",
     "add_transfer_hook",
+    "agc_clipping_fn",
+    "annealed_noise_scale",
+    "autoclip_fn",
     "configure_optimizers",
     "decay",
 ]

@@ -5,19 +5,25 @@ statistics) in place with ``torch._foreach_*`` kernels, so its cost grows with t
 not with a Python loop over parameters doing arithmetic. None of them copies a value to the host: the
 results stay on the device until :mod:`lightning_optloss.transfers` fetches them once on a logged step.
 
+Beyond TF: :func:`clip_groups_by_global_norm_` clips groups of parameters each by its own norm
+(:func:`resolve_clip_groups` finds the groups from name globs).
+
 Norm reductions accept ``all_reduce_sum``: for gradients sharded across processes (FSDP), the caller passes a
 function that sums a tensor over the shards, so norms are those of the full parameters.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from lightning_optloss import validation
 
 if TYPE_CHECKING:
     from lightning_optloss.strategies import ShardLayout
@@ -215,3 +221,104 @@ class GradientNoise:
 
     def __getstate__(self) -> dict[str, object]:
         return {"seed": self.seed, "_generators": {}}  # generators do not pickle; they are re-made
+
+
+def clip_groups_by_global_norm_(
+    grads: Sequence[Tensor], group_of: Sequence[int], clip_norms: Sequence[float], norms: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Clip each group of gradients by its own global norm, in place: :func:`clip_by_global_norm_` per group.
+
+    Group ``g`` (the gradients ``i`` with ``group_of[i] == g``) is scaled by
+    ``clip_norms[g] / max(norm_g, clip_norms[g])``, where ``norm_g`` is the global norm of that group
+    alone, in TF's form (a non-finite ``norm_g`` makes the group's gradients NaN, and only the group's).
+    Gradients with ``group_of[i] == -1`` are left untouched. A group with no gradient has norm 0, factor 1.
+
+    Args:
+        grads: The gradients, modified in place.
+        group_of: For each gradient, its group index in ``[0, len(clip_norms))``, or -1 (not clipped). See
+            :func:`resolve_clip_groups`.
+        clip_norms: The clip value of each group, > 0.
+        norms: The per-gradient norms, from :func:`parameter_norms` (reduced over shards already).
+
+    Returns:
+        ``(group_norms, factors)``: two 1-d tensors of ``len(clip_norms)``, each group's global norm before
+        clipping and the factor its gradients were multiplied by, for summaries (no host copy here).
+
+    References:
+        Pascanu, Mikolov & Bengio, "On the difficulty of training recurrent neural networks", ICML 2013,
+        https://arxiv.org/abs/1211.5063 (clipping by norm); TF's ``tf.clip_by_global_norm``.
+    """
+    if not len(grads) == len(group_of) == len(norms):
+        raise ValueError(
+            f"clip_groups_by_global_norm_: `grads`, `group_of` and `norms` must have one entry per gradient; "
+            f"got {len(grads)}, {len(group_of)} and {len(norms)}."
+        )
+    members: list[list[int]] = [[] for _ in clip_norms]
+    for position, group in enumerate(group_of):
+        if not -1 <= group < len(members):
+            raise ValueError(
+                f"clip_groups_by_global_norm_: `group_of[{position}]` must be -1 or a group index in "
+                f"[0, {len(members)}); got {group!r}."
+            )
+        if group != -1:
+            members[group].append(position)
+    group_norms, factors = [], []
+    for clip_norm, positions in zip(clip_norms, members, strict=True):
+        # Views of norms, stacked: no index tensor to copy to the device.
+        norm = global_norm(torch.stack([norms[p] for p in positions])) if positions else norms.new_zeros(())
+        if positions:
+            factor = clip_by_global_norm_([grads[p] for p in positions], clip_norm, norm)
+        else:
+            factor = norms.new_ones(())
+        group_norms.append(norm)
+        factors.append(factor)
+    return torch.stack(group_norms), torch.stack(factors)
+
+
+def resolve_clip_groups(
+    owner: str, patterns: Mapping[str, float], names: Sequence[str], argument: str = "clip_gradients"
+) -> list[int]:
+    """The clip group of each parameter name: the index of the first pattern of ``patterns`` it matches.
+
+    Args:
+        owner: Who asks, for error messages (``"OptimizeLoss"``).
+        patterns: ``{glob: clip_norm}`` in priority order: a name belongs to the first pattern it matches
+            (:func:`fnmatch.fnmatchcase`, case-sensitive; ``*`` also matches dots, so ``"encoder.*"`` takes
+            every parameter under ``encoder``). Every ``clip_norm`` is a finite number > 0.
+        names: The parameter names, in the order of the gradients.
+        argument: The argument's name in error messages. Default ``"clip_gradients"``.
+
+    Returns:
+        ``group_of`` for :func:`clip_groups_by_global_norm_`: for each name, its pattern's index in
+        ``patterns``, or -1 when it matches none (not clipped); ``list(patterns.values())`` are the
+        ``clip_norms``.
+
+    Raises:
+        ValueError: for an empty or non-dict ``patterns``, a key that is not a non-empty string, a value
+            that is not > 0, a pattern that matches no name (a typo: the error names the closest names), or
+            a pattern that matches only names an earlier pattern already took (it would never apply).
+    """
+    accepted = "a non-empty dict {parameter-name glob: clip norm > 0}"
+    if not isinstance(patterns, Mapping) or not patterns:
+        raise validation.invalid(owner, argument, accepted, patterns)
+    for pattern, clip_norm in patterns.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise validation.invalid(owner, argument, accepted + " (keys are non-empty strings)", pattern)
+        validation.real(owner, f"{argument}[{pattern!r}]", clip_norm, minimum=0.0, strictly=True)
+    ordered = list(patterns)
+    group_of = []
+    for name in names:
+        group_of.append(next((g for g, p in enumerate(ordered) if fnmatch.fnmatchcase(name, p)), -1))
+    for group, pattern in enumerate(ordered):
+        if group in group_of:
+            continue
+        matched = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+        if not matched:
+            raise validation.unmatched_pattern(owner, argument, pattern, names)
+        earlier = ordered[group_of[names.index(matched[0])]]
+        raise ValueError(
+            f"{owner}: `{argument}` has the pattern {pattern!r}, which matches only parameters that an earlier "
+            f"pattern takes ({matched[0]!r} goes to {earlier!r}; the first matching pattern wins), so it would "
+            "never apply. Put the more specific pattern first, or remove it."
+        )
+    return group_of

@@ -106,3 +106,21 @@ def callable_name(fn: Any) -> str:
     inner = getattr(fn, "func", fn)
     name = getattr(inner, "__qualname__", None) or type(inner).__qualname__
     return f"{name} (a functools.partial)" if inner is not fn else name
+
+
+def unmatched_pattern(owner: str, argument: str, pattern: str, names: Iterable[str]) -> ValueError:
+    """The error for a parameter-name glob in ``argument`` that matches none of ``names`` (a typo, usually).
+
+    Names the closest parameter names (:func:`difflib.get_close_matches`), else the first few names.
+    """
+    names = list(names)
+    close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
+    if close:
+        hint = "close names: " + ", ".join(repr(name) for name in close)
+    else:
+        shown = ", ".join(repr(name) for name in names[:12])
+        hint = "the names are " + (shown + (f", ... ({len(names)} in all)" if len(names) > 12 else "") or "none")
+    return ValueError(
+        f"{owner}: `{argument}` has the pattern {pattern!r}, which matches no parameter name ({hint}). "
+        "Patterns are fnmatch globs on names such as 'encoder.layer1.weight' ('*' also matches dots)."
+    )

@@ -369,8 +369,8 @@ TF_SIGNATURES = {
 }
 
 
-def test_all_lists_the_nine_schedules() -> None:
-    assert sorted(decay.__all__) == sorted(SCHEDULES)
+def test_all_lists_the_nine_schedules_and_the_warmups() -> None:
+    assert sorted(decay.__all__) == sorted([*SCHEDULES, "linear_warmup", "warmup_cosine_decay"])
 
 
 @pytest.mark.parametrize("name", SCHEDULES)
