@@ -20,6 +20,7 @@ from lightning_optloss.parameters import ModuleParameters, NamedParameter, Param
 from lightning_optloss.pipeline import (
     NONFINITE_MODES,
     ClipFn,
+    ClipGroups,
     GradientPipeline,
     NoiseScale,
     NonFiniteMonitor,
@@ -64,8 +65,15 @@ class OptimizeLoss(Callback):
             :func:`~lightning_optloss.adaptive_clipping_fn`); if it accepts a ``global_step`` keyword it
             receives the global step, if it accepts ``global_norm`` the pre-clipping global norm (a 0-d
             tensor, over the full parameters also when they are sharded), if it accepts ``names`` the
-            parameter names of the pairs. Under sharded strategies (FSDP2) the pairs hold the local shards of
-            the gradients. Clip callables must be picklable for ``ddp_spawn``.
+            parameter names of the pairs, if it accepts ``all_reduce_sum`` a function summing a tensor over
+            the shards of sharded parameters (None when unsharded). Under sharded strategies (FSDP2) the pairs
+            hold the local shards of gradients and parameters. Clip callables must be picklable for
+            ``ddp_spawn``. Or a dict ``{parameter-name glob: c}``: per-group clipping, each group (the
+            parameters whose name matches the glob first, :func:`fnmatch.fnmatchcase`) clipped by its own
+            global norm at its ``c``; parameters matching no glob are not clipped; a glob matching nothing is
+            an error. With ``global_gradient_norm`` or ``gradient_norm`` summaries each group logs
+            ``global_norm/<glob>/gradient_norm`` and ``.../clipped_gradient_norm`` (characters MLflow does not
+            allow in keys, such as ``*``, become ``_``).
         update_ops: Zero-argument callables run after every optimizer step that OptimizeLoss processed
             (TF's ``UPDATE_OPS``, e.g. an EMA update). Default None.
         variables: Parameters, or their names, whose gradients are processed and summarised. Default: every
@@ -105,7 +113,7 @@ class OptimizeLoss(Callback):
         self,
         gradient_noise_scale: NoiseScale | None = None,
         gradient_multipliers: Mapping[ParameterKey, float] | None = None,
-        clip_gradients: float | ClipFn | None = None,
+        clip_gradients: float | ClipFn | ClipGroups | None = None,
         update_ops: Iterable[Callable[[], Any]] | None = None,
         variables: Iterable[ParameterKey] | None = None,
         name: str = "OptimizeLoss",
@@ -197,8 +205,15 @@ class OptimizeLoss(Callback):
         parameters = ModuleParameters(pl_module)
         params = parameters.select(_OWNER, "variables", self.variables)
         multipliers = parameters.keyed(_OWNER, "gradient_multipliers", self.gradient_multipliers, params)
-        keys = metric_keys(_OWNER, [entry.name for entry in params])
+        names = [entry.name for entry in params]
+        keys = metric_keys(_OWNER, names)
         by_optimizer = _params_by_optimizer(trainer.optimizers, params)
+        clip_groups = None
+        if isinstance(self.clip_gradients, dict):
+            group_of = transforms.resolve_clip_groups(_OWNER, self.clip_gradients, names)
+            clip_groups = {entry.index: group for entry, group in zip(params, group_of, strict=True)}
+        elif hasattr(self.clip_gradients, "validate_names"):
+            self.clip_gradients.validate_names(names)
         noise = transforms.GradientNoise(self._resolved_seed) if self.gradient_noise_scale is not None else None
         self._pipeline = GradientPipeline(
             name=self.name,
@@ -206,6 +221,7 @@ class OptimizeLoss(Callback):
             noise_scale=self.gradient_noise_scale,
             multipliers=multipliers,
             clip=self.clip_gradients,
+            clip_groups=clip_groups,
             summaries=self.summaries,
             access=self._access,
             metric_keys={entry.index: key for entry, key in zip(params, keys, strict=True)},
@@ -416,10 +432,20 @@ def _check_multipliers(value: Any) -> dict[ParameterKey, float]:
     return checked
 
 
-def _check_clip(value: Any) -> float | ClipFn | None:
+def _check_clip(value: Any) -> float | ClipFn | ClipGroups | None:
     if value is None or callable(value):
         return value
-    accepted = "None, a float > 0 (global-norm clipping) or a callable taking (gradient, parameter) pairs"
+    accepted = (
+        "None, a float > 0 (global-norm clipping), a callable taking (gradient, parameter) pairs, or a dict "
+        "{parameter-name glob: float > 0} (per-group clipping)"
+    )
+    if isinstance(value, Mapping):
+        if not value or not all(isinstance(key, str) and key for key in value):
+            raise validation.invalid(_OWNER, "clip_gradients", accepted, value)
+        return {
+            key: validation.real(_OWNER, f"clip_gradients[{key!r}]", clip, minimum=0.0, strictly=True)
+            for key, clip in value.items()
+        }
     if not validation.is_real(value):
         raise validation.invalid(_OWNER, "clip_gradients", accepted, value)
     return validation.real(_OWNER, "clip_gradients", value, minimum=0.0, strictly=True)

@@ -19,12 +19,13 @@ from torch.optim import Optimizer
 from lightning_optloss import transforms, validation
 from lightning_optloss.parameters import NamedParameter
 from lightning_optloss.strategies import GradientAccess, ShardLayout
-from lightning_optloss.summaries import GRADIENT_STATISTICS, SummaryRecord
+from lightning_optloss.summaries import GRADIENT_STATISTICS, SummaryRecord, metric_key
 
 ClipFn = Callable[..., Sequence[tuple[Tensor | None, Tensor]]]
+ClipGroups = dict[str, float]
 NoiseScale = float | Callable[[int], float]
 NONFINITE_MODES = ("warn", "skip", "raise")
-CLIP_KEYWORDS = ("global_step", "global_norm", "names")
+CLIP_KEYWORDS = ("global_step", "global_norm", "names", "all_reduce_sum")
 
 
 @dataclass
@@ -33,6 +34,7 @@ class StepGradients:
 
     entries: list[NamedParameter]
     grads: list[Tensor]
+    params: list[Tensor]  # the parameters, as local shards when sharded
     layouts: list[ShardLayout | None]
     positions: list[int]  # of these entries among all the entries of the optimizer
 
@@ -105,7 +107,9 @@ class GradientPipeline:
         noise: The seeded noise source, None without noise.
         noise_scale: A float, or a callable of the global step returning the scale.
         multipliers: ``{parameter index: factor}``.
-        clip: None, a float (global-norm clipping) or a clip callable (TF's contract).
+        clip: None, a float (global-norm clipping), a clip callable (TF's contract), or per-group clipping
+            ``{parameter-name glob: clip norm}`` with ``clip_groups`` resolved.
+        clip_groups: For per-group clipping, ``{parameter index: group index}`` (-1 or absent: unclipped).
         summaries: The summary names to record on logged steps.
         access: How the strategy holds gradients.
         metric_keys: ``{parameter index: metric-safe parameter name}``.
@@ -119,7 +123,8 @@ class GradientPipeline:
         noise: transforms.GradientNoise | None,
         noise_scale: NoiseScale | None,
         multipliers: dict[int, float],
-        clip: float | ClipFn | None,
+        clip: float | ClipFn | ClipGroups | None,
+        clip_groups: dict[int, int] | None = None,
         summaries: Sequence[str],
         access: GradientAccess,
         metric_keys: dict[int, str],
@@ -130,6 +135,9 @@ class GradientPipeline:
         self.noise_scale = noise_scale
         self.multipliers = multipliers
         self.clip = clip
+        self.clip_groups = clip_groups or {}
+        self.group_keys = _group_keys(clip) if isinstance(clip, dict) else []
+        self._group_index: dict[tuple[int, ...], Tensor] = {}
         self.summaries = list(summaries)
         self.access = access
         self.metric_keys = metric_keys
@@ -147,8 +155,14 @@ class GradientPipeline:
                 f"OptimizeLoss: no gradient reached any of the {len(entries)} parameters this optimizer updates "
                 "(TF: 'No gradients provided for any variable'); does the loss depend on them?"
             )
-        layouts = self.access.layouts([params[position] for position in present])
-        return StepGradients([entries[p] for p in present], [local[p] for p in present], layouts, present)
+        chosen = [params[position] for position in present]
+        return StepGradients(
+            [entries[p] for p in present],
+            [local[p] for p in present],
+            self.access.local_params(chosen),
+            self.access.layouts(chosen),
+            present,
+        )
 
     def _sum_over_shards(self, gradients: StepGradients) -> Callable[[Tensor], Tensor] | None:
         if not gradients.sharded:
@@ -168,10 +182,9 @@ class GradientPipeline:
         ``monitor`` (``on_nonfinite="warn"``) observes the per-parameter norms of every step.
         """
         grads = gradients.grads
-        if self.noise is not None:
-            scale = self.current_noise_scale(step)
-            if scale:
-                self.noise.add_(grads, [e.index for e in gradients.entries], step, scale, gradients.layouts)
+        scale = self.current_noise_scale(step) if self.noise is not None else 0.0
+        if scale:
+            self.noise.add_(grads, [e.index for e in gradients.entries], step, scale, gradients.layouts)
         if self.multipliers:
             transforms.multiply_(grads, [self.multipliers.get(e.index, 1.0) for e in gradients.entries])
         sum_over_shards = self._sum_over_shards(gradients)
@@ -185,8 +198,8 @@ class GradientPipeline:
         elif monitor is not None:
             monitor.observe(step, ~torch.isfinite(norms), gradients.positions)
         if outcome.record is not None:
-            self._record_before_clipping(outcome.record, optimizer, norms)
-        norms = self._clip(gradients, norms, step, sum_over_shards)
+            self._record_before_clipping(outcome.record, optimizer, norms, scale)
+        norms = self._clip(gradients, norms, step, sum_over_shards, outcome.record)
         if outcome.record is not None:
             self._record_after_clipping(outcome.record, gradients, norms)
         return outcome
@@ -214,6 +227,7 @@ class GradientPipeline:
         norms: Tensor,
         step: int,
         sum_over_shards: Callable[[Tensor], Tensor] | None,
+        record: SummaryRecord | None,
     ) -> Tensor:
         """Clip in place; return the per-parameter norms after clipping."""
         clip, grads = self.clip, gradients.grads
@@ -221,6 +235,8 @@ class GradientPipeline:
             return norms
         if isinstance(clip, float):
             return norms * transforms.clip_by_global_norm_(grads, clip, transforms.global_norm(norms))
+        if isinstance(clip, dict):
+            return self._clip_groups(gradients, norms, record)
         keywords: dict[str, Any] = {}
         if "global_step" in self.clip_keywords:
             keywords["global_step"] = step
@@ -228,16 +244,35 @@ class GradientPipeline:
             keywords["global_norm"] = transforms.global_norm(norms)
         if "names" in self.clip_keywords:
             keywords["names"] = [entry.name for entry in gradients.entries]
-        pairs = [(grad, entry.param) for grad, entry in zip(grads, gradients.entries, strict=True)]
+        if "all_reduce_sum" in self.clip_keywords:
+            keywords["all_reduce_sum"] = self.access.uniform_sum(gradients.layouts)
+        pairs = list(zip(grads, gradients.params, strict=True))
         returned = clip(pairs, **keywords)
         for grad, new in zip(grads, clipped_gradients(clip, pairs, returned), strict=True):
             if new is not grad:
                 grad.copy_(new)
         return transforms.parameter_norms(grads, sum_over_shards)
 
-    def _record_before_clipping(self, record: SummaryRecord, optimizer: Optimizer, norms: Tensor) -> None:
+    def _clip_groups(self, gradients: StepGradients, norms: Tensor, record: SummaryRecord | None) -> Tensor:
+        """Per-group clipping: each glob's parameters clipped by their own global norm."""
+        group_of = [self.clip_groups.get(entry.index, -1) for entry in gradients.entries]
+        clip_norms = list(self.clip.values())
+        group_norms, factors = transforms.clip_groups_by_global_norm_(gradients.grads, group_of, clip_norms, norms)
+        if record is not None and self.global_norms_logged:
+            tags = [f"{self.name}/global_norm/{key}/gradient_norm" for key in self.group_keys]
+            record.add_rows(tags, group_norms)
+            clipped = [f"{self.name}/global_norm/{key}/clipped_gradient_norm" for key in self.group_keys]
+            record.add_rows(clipped, group_norms * factors)
+        index = self._group_index.get(tuple(group_of))
+        if index is None:  # one host-to-device copy per distinct set of parameters with gradients
+            index = self._group_index[tuple(group_of)] = torch.tensor(group_of, device=factors.device)
+        return norms * torch.cat([factors, factors.new_ones(1)])[index]  # group -1 (unclipped): factor 1
+
+    def _record_before_clipping(self, record: SummaryRecord, optimizer: Optimizer, norms: Tensor, scale: float) -> None:
         if "learning_rate" in self.summaries:
             record.add(f"{self.name}/learning_rate", optimizer.param_groups[0]["lr"])
+        if callable(self.noise_scale):
+            record.add(f"{self.name}/gradient_noise_scale", scale)
         if self.global_norms_logged:
             record.add(f"{self.name}/global_norm/gradient_norm", transforms.global_norm(norms))
 
@@ -255,6 +290,15 @@ class GradientPipeline:
                 moments = self.access.combine_over_shards(moments, gradients.layouts, transforms.combine_moments)
             tags = [f"{self.name}/gradients/{key}/{statistic}" for key in keys for statistic in GRADIENT_STATISTICS]
             record.add_rows(tags, transforms.gradient_statistics(moments, norms))
+
+
+def _group_keys(groups: ClipGroups) -> list[str]:
+    """Metric-safe keys for the clip groups' globs (``encoder.*`` → ``encoder._``), made unique."""
+    keys: list[str] = []
+    for index, pattern in enumerate(groups):
+        key = metric_key(pattern)
+        keys.append(key if key not in keys else f"{key}_{index}")
+    return keys
 
 
 def clipped_gradients(clip: ClipFn, pairs: list[tuple[Tensor, Tensor]], returned: Any) -> list[Tensor]:

@@ -81,9 +81,37 @@ class GradientAccess:
         """The tensors to read and modify in place (``None`` where a parameter got no gradient)."""
         return [param.grad for param in params]
 
+    def local_params(self, params: Sequence[nn.Parameter]) -> list[Tensor]:
+        """The parameters as the tensors this process holds (what clip callables receive)."""
+        return list(params)
+
     def layouts(self, params: Sequence[nn.Parameter]) -> list[ShardLayout | None]:
         """Each gradient's shard layout, ``None`` for whole gradients."""
         return [None] * len(params)
+
+    def uniform_sum(self, layouts: Sequence[ShardLayout | None]) -> Callable[[Tensor], Tensor] | None:
+        """A function summing a tensor over the shards, for clip callables that take ``all_reduce_sum``.
+
+        None when no gradient is sharded. It needs every gradient sharded over the same processes; a mix is
+        refused, because the callable cannot tell which of its values to sum.
+        """
+        groups = {layout.group if layout is not None else None for layout in layouts}
+        if groups == {None}:
+            return None
+        if len(groups) > 1:
+            raise ValueError(
+                "OptimizeLoss: a clip callable that takes `all_reduce_sum` (e.g. agc_clipping_fn) needs every "
+                "processed parameter sharded over the same processes, or none; this step mixes "
+                f"{len(groups)} layouts. Shard every module with fully_shard, or restrict `variables`."
+            )
+        (group,) = groups
+
+        def all_reduce_sum(values: Tensor) -> Tensor:
+            values = values.clone()
+            dist.all_reduce(values, group=group)
+            return values
+
+        return all_reduce_sum
 
     def sum_over_shards(self, values: Tensor, layouts: Sequence[ShardLayout | None]) -> Tensor:
         """``values[i]`` (one entry per parameter) summed over the shards of parameter ``i``."""
@@ -114,6 +142,9 @@ class DTensorGradientAccess(GradientAccess):
             grad = param.grad
             grads.append(grad.to_local() if isinstance(grad, DTensor) else grad)
         return grads
+
+    def local_params(self, params: Sequence[nn.Parameter]) -> list[Tensor]:
+        return [param.to_local() if isinstance(param, DTensor) else param for param in params]
 
     def layouts(self, params: Sequence[nn.Parameter]) -> list[ShardLayout | None]:
         return [_layout(param.grad) if isinstance(param.grad, DTensor) else None for param in params]

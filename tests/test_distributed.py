@@ -1,0 +1,136 @@
+"""Two CPU processes (gloo) against one: DDP, ddp_spawn and FSDP2 give the same weights and summaries.
+
+Each run is ``tests/distributed/train.py`` in a fresh process, under ``torchrun`` for DDP and FSDP2: the
+same model, data and OptimizeLoss configuration; the two-process runs split every global batch of 8 into
+two halves (an explicit ``DistributedSampler(shuffle=False)``). Replicas must be bit-identical, and weights
+and every summary must match the one-process run to rtol 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+pytestmark = pytest.mark.distributed
+
+SCRIPT = Path(__file__).parent / "distributed" / "train.py"
+REPO = Path(__file__).resolve().parents[1]
+RTOL = 1e-5
+
+TF_FEATURES = {  # TF's pipeline: noise, multipliers, then float or adaptive clipping
+    "float": {"noise": 0.05, "multipliers": {"w1": 0.5, "b2": 2.0}, "clip": 1.0, "decay": "exponential"},
+    "adaptive": {"noise": 0.05, "multipliers": {"w1": 0.5}, "clip": "adaptive"},
+}
+BEYOND_TF = {  # what came after TF
+    "agc+annealed+warmup": {"noise": "annealed", "clip": "agc", "decay": "warmup_cosine"},
+    "autoclip": {"clip": "autoclip", "optimizer": "SGD"},
+    "groups": {"clip": {"w*": 0.5, "b*": 0.2}, "multipliers": {"b1": 3.0}},
+}
+
+
+def run(strategy: str, features: dict[str, Any], out: Path, steps: int = 6, **extra: Any) -> dict[str, Any]:
+    """Train in new processes; return every rank's weights and callback state and rank 0's metrics."""
+    out.mkdir(parents=True, exist_ok=True)
+    # Lightning's MLFlowLogger opens the store on every rank: create the sqlite schema once, beforehand.
+    MlflowClient(f"sqlite:///{out / 'mlflow.db'}").search_experiments()
+    config = {"strategy": strategy, "steps": steps, "global_batch": 8, **features, **extra}
+    launcher = [sys.executable]
+    if strategy in ("ddp", "fsdp2"):
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [*launcher, str(SCRIPT), json.dumps(config), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    ranks = 1 if strategy == "single" else 2
+    return {
+        "weights": [torch.load(out / f"weights_rank{rank}.pt") for rank in range(ranks)],
+        "states": [torch.load(out / f"state_rank{rank}.pt") for rank in range(ranks)],
+        "metrics": json.loads((out / "metrics.json").read_text()),
+    }
+
+
+def assert_same_run(reference: dict[str, Any], result: dict[str, Any]) -> None:
+    for rank_weights in result["weights"][1:]:  # replicas are bit-identical
+        for name, value in rank_weights.items():
+            assert torch.equal(value, result["weights"][0][name]), f"rank weights differ: {name}"
+    for name, value in reference["weights"][0].items():
+        torch.testing.assert_close(result["weights"][0][name], value, rtol=RTOL, atol=1e-7)
+    assert {state["global_step"] for state in result["states"]} == {reference["states"][0]["global_step"]}
+    expected, actual = reference["metrics"], result["metrics"]
+    assert set(actual) == set(expected)
+    for key, steps in expected.items():
+        assert set(actual[key]) == set(steps), key
+        for step, values in steps.items():
+            for ours, theirs in zip(actual[key][step], values, strict=True):
+                # A gradient's mean, min and max can be sums that nearly cancel: float32 rounding of the
+                # larger terms then dominates them, so they are compared relative to the gradient's norm.
+                scale = abs(theirs)
+                if key.rsplit("/", 1)[-1] in ("mean", "min", "max", "std") and "/gradients/" in key:
+                    scale = max(scale, expected[key.rsplit("/", 1)[0] + "/norm"][step][0] * 0.1)
+                assert math.isclose(ours, theirs, rel_tol=RTOL, abs_tol=RTOL * scale + 1e-9), (key, step, ours, theirs)
+
+
+@pytest.fixture(scope="module")
+def single_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    root = tmp_path_factory.mktemp("single")
+    return {name: run("single", features, root / name) for name, features in {**TF_FEATURES, **BEYOND_TF}.items()}
+
+
+@pytest.mark.parametrize("features", list(TF_FEATURES))
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_match_one_with_tf_features(strategy, features, single_runs, tmp_path):
+    assert_same_run(single_runs[features], run(strategy, TF_FEATURES[features], tmp_path))
+
+
+@pytest.mark.parametrize("features", list(BEYOND_TF))
+def test_ddp_matches_one_process_with_beyond_tf_features(features, single_runs, tmp_path):
+    result = run("ddp", BEYOND_TF[features], tmp_path)
+    assert_same_run(single_runs[features], result)
+    metrics = result["metrics"]
+    if features == "agc+annealed+warmup":
+        assert "OptimizeLoss/clip/agc_clipped_fraction" in metrics
+        assert "OptimizeLoss/gradient_noise_scale" in metrics
+    if features == "autoclip":
+        assert "OptimizeLoss/global_norm/autoclip_threshold" in metrics
+        assert result["states"][0]["clip_gradients"]["count"] == 6
+    if features == "groups":
+        assert "OptimizeLoss/global_norm/w_/clipped_gradient_norm" in metrics
+
+
+def test_fsdp2_agc_clips_sharded_rows_like_one_process(single_runs, tmp_path):
+    assert_same_run(single_runs["agc+annealed+warmup"], run("fsdp2", BEYOND_TF["agc+annealed+warmup"], tmp_path))
+
+
+def test_ddp_spawn_pickles_the_callback_and_matches_one_process(single_runs, tmp_path):
+    assert_same_run(single_runs["float"], run("ddp_spawn", TF_FEATURES["float"], tmp_path))
+
+
+def test_ddp_resume_from_a_checkpoint_is_bit_identical(tmp_path):
+    features = {**TF_FEATURES["adaptive"], "decay": "exponential", "batches_per_epoch": 4}
+    uninterrupted = run("ddp", features, tmp_path / "full", steps=8)
+    run("ddp", {**features, "checkpoint_every": 4}, tmp_path / "first", steps=4)
+    checkpoint = next((tmp_path / "first").glob("*.ckpt"))
+    resumed = run("ddp", {**features, "resume_from": str(checkpoint)}, tmp_path / "resumed", steps=8)
+    for rank in range(2):
+        for name, value in uninterrupted["weights"][rank].items():
+            assert torch.equal(resumed["weights"][rank][name], value), (rank, name)
+        assert resumed["states"][rank]["global_step"] == 8
+        for key in ("mean", "sq_mean"):
+            assert torch.equal(
+                resumed["states"][rank]["clip_gradients"][key], uninterrupted["states"][rank]["clip_gradients"][key]
+            )
