@@ -5,12 +5,14 @@
 - :func:`configure_optimizers`: TF's optimizers (by name, class, callable or instance) and learning-rate
   decay, for ``LightningModule.configure_optimizers``.
 - :func:`adaptive_clipping_fn`, :mod:`decay`: TF's adaptive clipping and learning-rate schedules.
+- :class:`MLFlowLogger`: Lightning's MLflow logger with the server calls off the training thread, surviving outages.
 """
 
 from lightning_optloss import decay
 from lightning_optloss.adaptive_clipping import AdaptiveClipping, adaptive_clipping_fn
 from lightning_optloss.callback import OptimizeLoss
 from lightning_optloss.configure import LearningRateDecay, configure_optimizers
+from lightning_optloss.mlflow_logger import MLFlowLogger
 from lightning_optloss.optimizers import OPTIMIZER_CLS_NAMES
 from lightning_optloss.summaries import OPTIMIZER_SUMMARIES
 from lightning_optloss.transfers import add_transfer_hook
@@ -22,6 +24,7 @@ __all__ = [
     "OPTIMIZER_SUMMARIES",
     "AdaptiveClipping",
     "LearningRateDecay",
+    "MLFlowLogger",
     "OptimizeLoss",
     "__version__",
     "adaptive_clipping_fn",

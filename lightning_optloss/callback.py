@@ -15,6 +15,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_optloss import strategies, transforms, validation
 from lightning_optloss.configure import LearningRateDecay
+from lightning_optloss.mlflow_logger import warn_if_stock_mlflow_logger
 from lightning_optloss.parameters import ModuleParameters, NamedParameter, ParameterKey
 from lightning_optloss.summaries import (
     GRADIENT_STATISTICS,
@@ -141,6 +142,7 @@ class OptimizeLoss(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        warn_if_stock_mlflow_logger(trainer.loggers)
         self._check_trainer(trainer)
         self._access = strategies.gradient_access(_OWNER, trainer.strategy)
         parameters = ModuleParameters(pl_module)

@@ -154,7 +154,7 @@ class Delivery:
             raise ValueError(f"Delivery: `max_queue` must be at least 1; got {max_queue}.")
         self._send = send
         self._max_queue = max_queue
-        self._backoff = backoff
+        self.backoff = backoff
         self._is_permanent = is_permanent
         self._name = name
         self._spill = SpillFile(Path(spill_path))
@@ -177,6 +177,11 @@ class Delivery:
     @property
     def spill_path(self) -> Path:
         return self._spill.path
+
+    @property
+    def running(self) -> bool:
+        """Whether a worker was started since the last :meth:`close`."""
+        return self._thread is not None
 
     @property
     def pending(self) -> int:
@@ -301,7 +306,7 @@ class Delivery:
             self.outages += 1
         self._failures += 1
         self.last_error = error
-        delay = self._backoff.delay(self._failures)
+        delay = self.backoff.delay(self._failures)
         log.debug("%s: attempt %d failed (%s); next in %.2f s", self._name, self._failures, error, delay)
         deadline = time.monotonic() + delay
         while generation == self._generation and not self._wake and (remaining := deadline - time.monotonic()) > 0:

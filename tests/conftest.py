@@ -16,6 +16,8 @@ logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
 warnings.filterwarnings("ignore", ".*litlogger.*")
+# The suite checks OptimizeLoss with Lightning's stock MLFlowLogger on purpose; test_mlflow_logger checks the warning.
+warnings.filterwarnings("ignore", ".*Use lightning_optloss.MLFlowLogger.*")
 
 
 @pytest.fixture(scope="session")
