@@ -16,8 +16,12 @@ logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
 warnings.filterwarnings("ignore", ".*litlogger.*")
-# The suite checks OptimizeLoss with Lightning's stock MLFlowLogger on purpose; test_mlflow_logger checks the warning.
-warnings.filterwarnings("ignore", ".*Use lightning_optloss.MLFlowLogger.*")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Filters set while conftest is imported are undone after collection; these last for every test.
+    # The suite runs OptimizeLoss with the stock MLFlowLogger on purpose; test_mlflow_logger checks the warning.
+    config.addinivalue_line("filterwarnings", "ignore:.*Use lightning_optloss.MLFlowLogger:UserWarning")
 
 
 @pytest.fixture(scope="session")

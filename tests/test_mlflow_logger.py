@@ -81,20 +81,22 @@ class TimedLogger(MLFlowLogger):
 
 
 class Outage(Callback):
-    """Kills the server after global step ``kill_after`` and starts it again after ``restart_after``."""
+    """Kills the server after global step ``kill_after``, starts it again after ``restart_after`` (None: never),
+    and notes the spill files seen on disk while it is down."""
 
-    def __init__(self, server: MlflowServer, kill_after: int, restart_after: int | None, spill_dir: Path) -> None:
+    def __init__(self, server: MlflowServer, kill_after: int | None, restart_after: int | None, spill_dir: Path):
         self.server = server
         self.kill_after = kill_after
         self.restart_after = restart_after
         self.spill_dir = spill_dir
-        self.spilled_while_down: list[str] = []
+        self.spilled_while_down: set[str] = set()
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if trainer.global_step == self.kill_after:
             self.server.kill()
+        if not self.server.running:
+            self.spilled_while_down.update(path.name for path in self.spill_dir.glob("*.jsonl"))
         if trainer.global_step == self.restart_after:
-            self.spilled_while_down = [path.name for path in self.spill_dir.glob("*.jsonl")]
             self.server.start()  # the callback waits for the server; log_metrics never does
 
 
@@ -222,12 +224,14 @@ def test_training_goes_on_through_a_server_restart_and_every_record_arrives(live
 def test_records_left_when_fit_ends_with_the_server_down_are_replayed_later(live_server, tmp_path, recwarn, capsys):
     logger = new_logger(live_server, tmp_path, max_queue=2, flush_timeout=0.5, log_model="all")
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=2, save_top_k=-1)
+    watch = Outage(live_server, kill_after=None, restart_after=None, spill_dir=tmp_path / "spill")
     assert logger.run_id  # the run is created while the server is up
     live_server.kill()
-    trainer = make_trainer([OptimizeLoss(), checkpoints], logger=logger, max_steps=6, enable_checkpointing=True)
+    trainer = make_trainer([OptimizeLoss(), checkpoints, watch], logger=logger, max_steps=6, enable_checkpointing=True)
     trainer.fit(LoggingRegression(), regression_data(6))
 
     (spill_file,) = (tmp_path / "spill").glob("*.jsonl")
+    assert watch.spilled_while_down == {spill_file.name}, "with max_queue=2 records go to disk during the run"
     (final,) = messages(recwarn.list, "could not be delivered")
     assert f"Deliver them with: {replay_command(spill_file, live_server.uri)}" in final
     assert len(messages(recwarn.list, "cannot reach the MLflow server")) == 1
