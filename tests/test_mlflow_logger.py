@@ -191,6 +191,18 @@ def test_the_logger_pickles_for_ddp_spawn_and_logs_after(tracking_uri):
     assert MlflowClient(tracking_uri).get_run(logger.run_id).data.tags["phase"] == "copy"
 
 
+def test_logging_after_finalize_starts_a_new_worker(tracking_uri):
+    """Trainer.fit then Trainer.test: finalize runs after each, and the same run gets more records."""
+    logger = MLFlowLogger(experiment_name=f"again-{uuid.uuid4().hex[:12]}", tracking_uri=tracking_uri)
+    logger.log_metrics({"m": 1.0}, step=0)
+    logger.finalize()
+    assert not delivery_threads()
+    logger.log_metrics({"m": 2.0}, step=1)
+    logger.finalize()
+    assert metric_history(logger) == {"m": {0: 1.0, 1: 2.0}}
+    assert MlflowClient(tracking_uri).get_run(logger.run_id).info.status == "FINISHED"
+
+
 def test_extra_options_are_keyword_only_and_checked():
     with pytest.raises(TypeError):
         MLFlowLogger("e", None, None, None, "./mlruns", False, "", None, None, None, 10)
