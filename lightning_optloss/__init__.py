@@ -7,7 +7,8 @@
 - :func:`adaptive_clipping_fn`, :mod:`decay`: TF's adaptive clipping and learning-rate schedules.
 - Beyond TF: :func:`agc_clipping_fn` (unit-wise adaptive gradient clipping), :func:`autoclip_fn`
   (percentile clipping), :func:`annealed_noise_scale` (annealed gradient noise); warmup schedules in
-  :mod:`decay`; per-group clipping in :mod:`lightning_optloss.transforms`.
+  :mod:`decay`; per-group clipping with ``OptimizeLoss(clip_gradients={glob: value})``.
+- :class:`MLFlowLogger`: Lightning's MLflow logger with the server calls off the training thread, surviving outages.
 """
 
 from lightning_optloss import decay
@@ -16,6 +17,7 @@ from lightning_optloss.agc import UnitwiseClipping, agc_clipping_fn
 from lightning_optloss.autoclip import AutoClipping, autoclip_fn
 from lightning_optloss.callback import OptimizeLoss
 from lightning_optloss.configure import LearningRateDecay, configure_optimizers
+from lightning_optloss.mlflow_logger import MLFlowLogger
 from lightning_optloss.noise_schedules import AnnealedNoiseScale, annealed_noise_scale
 from lightning_optloss.optimizers import OPTIMIZER_CLS_NAMES
 from lightning_optloss.summaries import OPTIMIZER_SUMMARIES
@@ -30,6 +32,7 @@ __all__ = [
     "AnnealedNoiseScale",
     "AutoClipping",
     "LearningRateDecay",
+    "MLFlowLogger",
     "OptimizeLoss",
     "UnitwiseClipping",
     "__version__",

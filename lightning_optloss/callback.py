@@ -16,6 +16,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_optloss import strategies, transfers, transforms, validation
 from lightning_optloss.configure import LearningRateDecay
+from lightning_optloss.mlflow_logger import warn_if_stock_mlflow_logger
 from lightning_optloss.parameters import ModuleParameters, NamedParameter, ParameterKey
 from lightning_optloss.pipeline import (
     NONFINITE_MODES,
@@ -184,6 +185,7 @@ class OptimizeLoss(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        warn_if_stock_mlflow_logger(trainer.loggers)
         if self.clip_gradients is not None and trainer.gradient_clip_val:
             raise ValueError(
                 f"{_OWNER}: clip_gradients={validation.show(self.clip_gradients)} and Trainer("

@@ -18,12 +18,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import MLFlowLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_optloss import OPTIMIZER_SUMMARIES, OptimizeLoss, configure_optimizers, decay
+from lightning_optloss import OPTIMIZER_SUMMARIES, MLFlowLogger, OptimizeLoss, configure_optimizers, decay
 
 
 class DigitsClassifier(pl.LightningModule):

@@ -18,6 +18,12 @@ warnings.filterwarnings("ignore", ".*LeafSpec.*")
 warnings.filterwarnings("ignore", ".*litlogger.*")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Filters set while conftest is imported are undone after collection; these last for every test.
+    # The suite runs OptimizeLoss with the stock MLFlowLogger on purpose; test_mlflow_logger checks the warning.
+    config.addinivalue_line("filterwarnings", "ignore:.*Use lightning_optloss.MLFlowLogger:UserWarning")
+
+
 @pytest.fixture(scope="session")
 def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One real sqlite MLflow store for the session (creating the schema takes seconds)."""

@@ -27,9 +27,9 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from support import TinyRegression, metric_values, regression_data  # noqa: E402
+from support import TinyRegression, metric_values, regression_data
 
-from lightning_optloss import (  # noqa: E402
+from lightning_optloss import (
     OptimizeLoss,
     adaptive_clipping_fn,
     agc_clipping_fn,

@@ -1,0 +1,342 @@
+"""``lightning_optloss.MLFlowLogger``: Lightning's MLFlowLogger that keeps training going and keeps every record
+when the MLflow server is slow or away.
+
+Lightning's stock logger calls the server on the training thread, once per logged step; when the server is
+unreachable that call blocks for MLflow's whole retry policy (minutes) and then raises, which stops the run.
+This subclass has the same constructor and the same behaviour otherwise, but queues every call that reaches the
+server once the run exists (metrics, hyperparameters, tags, checkpoint artifacts, the final status) and sends
+them from a worker thread (:mod:`lightning_optloss.delivery`), in order, one MLflow call per record. The record
+format of the spill files is described in :mod:`lightning_optloss.mlflow_records`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import os
+import posixpath
+import shlex
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from argparse import Namespace
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import MLFlowLogger as StockMLFlowLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from typing_extensions import override
+
+from lightning_optloss import mlflow_records, validation
+from lightning_optloss.delivery import Delivery, Record
+
+_OWNER = "MLFlowLogger"
+_STOCK_WARNING = (
+    "Lightning's MLFlowLogger sends every logged step to the MLflow server on the training thread: it blocks "
+    "training, and loses records or stops the run, when the server is unreachable. Use "
+    "lightning_optloss.MLFlowLogger (same arguments), which sends them from a background thread and keeps them "
+    "on disk while the server is away."
+)
+
+
+class MLFlowLogger(StockMLFlowLogger):
+    """Lightning's :class:`~lightning.pytorch.loggers.MLFlowLogger`, with the server calls off the training thread.
+
+    The positional arguments are the stock logger's (``experiment_name``, ``run_name``, ``tracking_uri``,
+    ``tags``, ``save_dir``, ``log_model``, ``prefix``, ``artifact_location``, ``run_id``, ``synchronous``), with
+    the same meaning and defaults; metric keys, param truncation, checkpoint logging and statuses are the stock
+    logger's (its own methods run, with their client calls turned into queued records).
+
+    **What is queued.** ``log_metrics`` (OptimizeLoss summaries and ``self.log`` alike: one record per call),
+    ``log_hyperparams``, :meth:`log_tags`, checkpoints logged with ``log_model`` (``after_save_checkpoint`` and
+    ``finalize``) and the final status. A call returns after appending to a queue in memory; the training thread
+    never waits for the network. Creating the run (the first access to :attr:`experiment`, before training)
+    stays synchronous, with MLflow's own retry settings: a server that is down before training starts is an
+    error at the start, not an outage. Calls made directly on :attr:`experiment` are MLflow's, synchronous.
+
+    **Outages.** A failed send is retried with exponential backoff (0.5 s doubling to 15 s); the records behind
+    it wait, in order; one warning says so. When more than ``max_queue`` records wait, the oldest go to the spill
+    file (``<spill_dir>/mlflow-<run id>-<time>.jsonl``), from which they are delivered first once the server
+    answers again. ``finalize`` (end of fit, and on exceptions: Lightning calls ``finalize("failed")``) flushes
+    for at most ``flush_timeout`` seconds, then leaves what is undelivered in the spill file, the status last,
+    and warns with the command that delivers it later::
+
+        python -m lightning_optloss.mlflow_replay FILE --tracking-uri URI
+
+    Records the server refuses (an invalid or changed param, a deleted run) are not retried: they go to
+    ``mlflow-<run id>-<time>.rejected.jsonl`` with the error, with a warning. Artifact files are hard-linked into
+    ``mlflow-<run id>-<time>.artifacts/`` when queued (so that ModelCheckpoint may delete or overwrite a checkpoint
+    before its upload), or copied when they are temporary files on another file system; otherwise the record
+    keeps the original path. Only rank 0 logs, so the worker thread only exists there.
+
+    Args:
+        max_queue: Records kept in memory before the oldest are moved to the spill file. Default 1000.
+        flush_timeout: Seconds ``finalize`` waits for the queue to be delivered. Default 30.
+        spill_dir: Folder of the spill file and the staged artifacts. Default None: the working directory at the
+            first logged record.
+        request_timeout: Seconds one HTTP request to the tracking server may take. Default 10.
+
+    ``synchronous`` is accepted and has no effect: records are always sent off the training thread, and
+    synchronously by the worker (MLflow's asynchronous logging drops a batch that fails, instead of retrying it).
+    """
+
+    def __init__(
+        self,
+        experiment_name: str = "lightning_logs",
+        run_name: str | None = None,
+        tracking_uri: str | None = os.getenv("MLFLOW_TRACKING_URI"),
+        tags: dict[str, Any] | None = None,
+        save_dir: str | None = "./mlruns",
+        log_model: Literal[True, False, "all"] = False,
+        prefix: str = "",
+        artifact_location: str | None = None,
+        run_id: str | None = None,
+        synchronous: bool | None = None,
+        *,
+        max_queue: int = 1000,
+        flush_timeout: float = 30.0,
+        spill_dir: str | os.PathLike[str] | None = None,
+        request_timeout: float = 10.0,
+    ) -> None:
+        if synchronous is not None and not isinstance(synchronous, bool):
+            raise validation.invalid(_OWNER, "synchronous", "None, True or False", synchronous)
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
+            raise validation.invalid(_OWNER, "max_queue", "an integer >= 1", max_queue)
+        if spill_dir is not None and not isinstance(spill_dir, (str, os.PathLike)):
+            raise validation.invalid(_OWNER, "spill_dir", "None or a folder path", spill_dir)
+        self.max_queue = max_queue
+        self.flush_timeout = validation.real(_OWNER, "flush_timeout", flush_timeout, minimum=0.0)
+        self.spill_dir = None if spill_dir is None else Path(spill_dir)
+        self.request_timeout = validation.real(_OWNER, "request_timeout", request_timeout, minimum=0.0, strictly=True)
+        super().__init__(
+            experiment_name, run_name, tracking_uri, tags, save_dir, log_model, prefix, artifact_location, run_id
+        )
+        self._reset_delivery()
+
+    def _reset_delivery(self) -> None:
+        """The runtime state: rebuilt after unpickling (``ddp_spawn``), created on rank 0 by the first record."""
+        self._delivery: Delivery | None = None
+        self._sender: mlflow_records.Sender | None = None
+        self._staging: Path | None = None
+        self._staged = itertools.count()
+        self._warned: set[str] = set()
+        self._local = threading.local()
+        self._queueing_client = _QueueingClient(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for key in ("_delivery", "_sender", "_staging", "_staged", "_warned", "_local", "_queueing_client"):
+            del state[key]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_delivery()
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> MlflowClient:
+        """The MLflow client, after creating the run (synchronously) on first access, as the stock logger does.
+
+        While this logger's own methods run, a stand-in answers that queues each client call as a record.
+        """
+        client = super().experiment
+        return self._queueing_client if getattr(self._local, "queueing", False) else client
+
+    @contextlib.contextmanager
+    def _queueing(self) -> Iterator[None]:
+        previous = getattr(self._local, "queueing", False)
+        self._local.queueing = True
+        try:
+            yield
+        finally:
+            self._local.queueing = previous
+
+    @override
+    @rank_zero_only
+    def log_hyperparams(self, params: dict[str, Any] | Namespace) -> None:
+        with self._queueing():
+            super().log_hyperparams(params)
+
+    @override
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        with self._queueing():
+            super().log_metrics(metrics, step)
+
+    @rank_zero_only
+    def log_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set tags of the run (values as strings), queued like the metrics."""
+        if tags:
+            self._put(mlflow_records.batch_record(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+
+    @override
+    def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
+        with self._queueing():
+            super().after_save_checkpoint(checkpoint_callback)
+
+    @override
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        """Queue the checkpoints still to log and the status, then flush for at most ``flush_timeout`` seconds."""
+        with self._queueing():
+            super().finalize(status)
+        self._close()
+
+    @property
+    def pending(self) -> int:
+        """Records queued and not delivered yet (in memory or in the spill file)."""
+        return 0 if self._delivery is None else self._delivery.pending
+
+    # ------------------------------------------------------------------ delivery
+
+    def _put(self, record: Record) -> None:
+        if self._delivery is None:
+            self._delivery = self._new_delivery(record["run_id"])
+        self._delivery.put(record)
+        self._warn_about_delivery()
+
+    def _new_delivery(self, run_id: str) -> Delivery:
+        folder = (self.spill_dir or Path.cwd()).resolve()
+        spill_path = folder / f"mlflow-{run_id}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+        self._staging = spill_path.with_suffix(".artifacts")
+        self._sender = mlflow_records.Sender(self._tracking_uri, self.request_timeout)
+        atexit.register(self._close)
+        return Delivery(
+            self._send,
+            spill_path,
+            max_queue=self.max_queue,
+            is_permanent=mlflow_records.is_permanent,
+            name=f"mlflow-delivery-{run_id[:8]}",
+        )
+
+    def _send(self, record: Record) -> None:
+        """Deliver one record (on the worker thread); a staged artifact file is removed once uploaded."""
+        self._sender(record)
+        staged = Path(record["local_path"]) if record["type"] == "artifact" else None
+        if staged is not None and self._staging is not None and self._staging in staged.parents:
+            staged.unlink(missing_ok=True)
+            staged.parent.rmdir()
+
+    def _close(self) -> None:
+        delivery = self._delivery
+        if delivery is None or not delivery.running:
+            return
+        report = delivery.close(self.flush_timeout)
+        self._warn_about_delivery()
+        if self._staging is not None and self._staging.is_dir() and not any(self._staging.iterdir()):
+            self._staging.rmdir()
+        if report.spill_path is not None:
+            held = mlflow_records.summary(mlflow_records.read_records(report.spill_path))
+            warnings.warn(
+                f"{_OWNER}: {report.undelivered} records ({held}) could not be delivered to {self._tracking_uri} "
+                f"within flush_timeout={self.flush_timeout:g} s; they are in {report.spill_path}. Deliver them "
+                f"with: {replay_command(report.spill_path, self._tracking_uri)}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def _warn_about_delivery(self) -> None:
+        delivery = self._delivery
+        assert delivery is not None
+        if delivery.outages and "outage" not in self._warned:
+            self._warned.add("outage")
+            warnings.warn(
+                f"{_OWNER}: cannot reach the MLflow server at {self._tracking_uri} ({_brief(delivery.last_error)}). "
+                f"Training goes on; records are kept in order and sent again with backoff (up to "
+                f"{delivery.backoff.maximum:g} s apart), in memory up to max_queue={self.max_queue}, then in "
+                f"{delivery.spill_path}. What is still undelivered when fit ends (after flush_timeout="
+                f"{self.flush_timeout:g} s) stays in that file for: "
+                f"{replay_command(delivery.spill_path, self._tracking_uri)}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if delivery.rejected and "rejected" not in self._warned:
+            self._warned.add("rejected")
+            warnings.warn(
+                f"{_OWNER}: the MLflow server at {self._tracking_uri} refused a record "
+                f"({_brief(delivery.last_rejection)}); it is not sent again and is kept, with the error, in "
+                f"{delivery.rejected_path}, as are any later refused records.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def _stage(self, local_path: str) -> str:
+        """A path to upload ``local_path`` from that survives the original's removal, when one is cheap to make."""
+        assert self._staging is not None
+        source = Path(local_path).resolve()
+        folder = self._staging / str(next(self._staged))
+        folder.mkdir(parents=True)
+        target = folder / source.name
+        with contextlib.suppress(OSError):
+            os.link(source, target)
+            return str(target)
+        if source.is_relative_to(Path(tempfile.gettempdir()).resolve()):
+            shutil.copy2(source, target)
+            return str(target)
+        folder.rmdir()
+        return str(source)
+
+
+def replay_command(spill_path: Path, tracking_uri: str) -> str:
+    """The shell command that delivers the records of ``spill_path`` to ``tracking_uri``."""
+    return shlex.join(
+        [sys.executable, "-m", "lightning_optloss.mlflow_replay", str(spill_path), "--tracking-uri", tracking_uri]
+    )
+
+
+def _brief(error: BaseException | None, limit: int = 300) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def warn_if_stock_mlflow_logger(loggers: Iterable[Logger]) -> None:
+    """One warning when one of ``loggers`` is Lightning's stock MLFlowLogger rather than :class:`MLFlowLogger`."""
+    if any(isinstance(logger, StockMLFlowLogger) and not isinstance(logger, MLFlowLogger) for logger in loggers):
+        rank_zero_warn(_STOCK_WARNING)
+
+
+class _QueueingClient:
+    """Stands in for the MlflowClient while the stock logger's methods run: each call becomes a queued record."""
+
+    def __init__(self, logger: MLFlowLogger) -> None:
+        self._logger = logger
+
+    def log_batch(
+        self,
+        run_id: str,
+        metrics: Sequence[Metric] = (),
+        params: Sequence[Param] = (),
+        tags: Sequence[RunTag] = (),
+        synchronous: bool | None = None,
+    ) -> None:
+        if metrics or params or tags:
+            self._logger._put(mlflow_records.batch_record(run_id, metrics, params, tags))
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+        self._logger._put(mlflow_records.artifact_record(run_id, self._logger._stage(local_path), artifact_path))
+
+    def log_artifacts(self, run_id: str, local_dir: str, artifact_path: str | None = None) -> None:
+        root = Path(local_dir)
+        for file in sorted(path for path in root.rglob("*") if path.is_file()):
+            folder = file.parent.relative_to(root).as_posix()
+            parts = [part for part in (artifact_path, folder) if part and part != "."]
+            self.log_artifact(run_id, str(file), posixpath.join(*parts) if parts else None)
+
+    def set_terminated(self, run_id: str, status: str | None = None, end_time: int | None = None) -> None:
+        end_time = end_time if end_time is not None else int(time.time() * 1000)
+        self._logger._put(mlflow_records.status_record(run_id, status or "FINISHED", end_time))
+
+    def get_run(self, run_id: str) -> bool:
+        """True: the run exists, ``experiment`` created or fetched it before the first record."""
+        return True

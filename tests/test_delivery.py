@@ -1,0 +1,180 @@
+"""The delivery worker on plain callables: order, backoff, bounded waits, spilling, flush deadlines. No server."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from lightning_optloss.delivery import Backoff, Delivery, Record
+
+FAST = Backoff(initial=0.02, maximum=0.08)
+
+
+class FlakyServer:
+    """A ``send`` that fails while ``down`` (or the first ``failures`` times), optionally blocking first."""
+
+    def __init__(self, failures: int = 0, down: bool = False, refuse: Callable[[Record], bool] | None = None) -> None:
+        self.failures = failures
+        self.down = down
+        self.refuse = refuse or (lambda record: False)
+        self.received: list[Record] = []
+        self.attempts: list[tuple[float, Record]] = []
+        self.gate: threading.Event | None = None
+
+    def __call__(self, record: Record) -> None:
+        self.attempts.append((time.monotonic(), record))
+        if self.gate is not None:
+            assert self.gate.wait(10.0), "the test never opened the gate"
+        if self.down or self.failures > 0:
+            self.failures -= 1
+            raise ConnectionError("server away")
+        if self.refuse(record):
+            raise ValueError(f"refused {record['n']}")
+        self.received.append(record)
+
+
+def records(count: int, start: int = 0) -> list[Record]:
+    return [{"n": n} for n in range(start, start + count)]
+
+
+def read_jsonl(path: Path) -> list[Record]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
+
+
+def test_backoff_doubles_from_the_initial_wait_up_to_the_maximum():
+    backoff = Backoff(initial=0.5, maximum=15.0)
+    assert [backoff.delay(n) for n in range(1, 8)] == [0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 15.0]
+    assert backoff.delay(10_000) == 15.0
+
+
+def test_failed_sends_are_retried_after_growing_waits_and_the_order_is_kept(tmp_path):
+    server = FlakyServer(failures=3)
+    delivery = Delivery(server, tmp_path / "spill.jsonl", backoff=FAST)
+    for record in records(5):
+        delivery.put(record)
+    wait_until(lambda: len(server.received) == 5)
+    report = delivery.close(timeout=5.0)
+    assert server.received == records(5)
+    first_tries = [at for at, record in server.attempts if record["n"] == 0]
+    assert len(first_tries) == 4
+    waits = [later - earlier for earlier, later in itertools.pairwise(first_tries)]
+    for wait, expected in zip(waits, [0.02, 0.04, 0.08], strict=True):
+        assert wait >= expected * 0.9
+    assert (report.delivered, report.undelivered, report.spill_path, delivery.outages) == (5, 0, None, 1)
+    assert not (tmp_path / "spill.jsonl").exists()
+
+
+def test_a_server_that_stays_down_is_tried_at_the_backoff_pace_not_in_a_busy_loop(tmp_path):
+    server = FlakyServer(down=True)
+    delivery = Delivery(server, tmp_path / "spill.jsonl", backoff=Backoff(initial=0.05, maximum=0.05))
+    delivery.put({"n": 0})
+    time.sleep(0.5)
+    tried = len(server.attempts)
+    delivery.close(timeout=0.0)
+    assert 5 <= tried <= 12  # one try every 0.05 s
+
+
+def test_put_never_waits_for_a_blocked_send_and_overflow_goes_to_disk_in_order(tmp_path):
+    server = FlakyServer()
+    server.gate = threading.Event()
+    delivery = Delivery(server, tmp_path / "spill.jsonl", max_queue=10, backoff=FAST)
+    slowest = 0.0
+    for record in records(100):
+        started = time.perf_counter()
+        delivery.put(record)
+        slowest = max(slowest, time.perf_counter() - started)
+    assert slowest < 0.05  # generous: a put appends to a deque or a local file, it never waits for send
+    assert delivery.spilled >= 80
+    assert (tmp_path / "spill.jsonl").exists()
+    server.gate.set()
+    report = delivery.close(timeout=5.0)
+    assert server.received == records(100)
+    assert (report.undelivered, report.spill_path) == (0, None)
+    assert not (tmp_path / "spill.jsonl").exists()
+
+
+def test_close_writes_what_is_left_in_order_the_record_in_flight_first(tmp_path):
+    server = FlakyServer(down=True)
+    delivery = Delivery(server, tmp_path / "spill.jsonl", max_queue=4, backoff=FAST)
+    for record in records(20):
+        delivery.put(record)
+    started = time.monotonic()
+    report = delivery.close(timeout=0.2)
+    assert time.monotonic() - started < 1.5
+    assert report.undelivered == 20
+    assert report.spill_path == tmp_path / "spill.jsonl"
+    assert read_jsonl(report.spill_path) == records(20)
+
+
+def test_close_leaves_a_send_that_hangs_behind_at_the_deadline(tmp_path):
+    server = FlakyServer()
+    server.gate = threading.Event()
+    delivery = Delivery(server, tmp_path / "spill.jsonl", backoff=FAST)
+    for record in records(3):
+        delivery.put(record)
+    wait_until(lambda: len(server.attempts) == 1)
+    started = time.monotonic()
+    report = delivery.close(timeout=0.1, join_timeout=0.1)
+    assert time.monotonic() - started < 1.0
+    assert read_jsonl(report.spill_path) == records(3)
+    server.gate.set()  # the abandoned send completes: it must not touch the delivery's state any more
+    wait_until(lambda: len(server.received) == 1)
+    time.sleep(0.05)
+    assert read_jsonl(report.spill_path) == records(3)
+    assert delivery.pending == 3
+
+
+def test_a_later_put_delivers_the_records_left_on_disk_first(tmp_path):
+    server = FlakyServer(down=True)
+    delivery = Delivery(server, tmp_path / "spill.jsonl", max_queue=2, backoff=FAST)
+    for record in records(5):
+        delivery.put(record)
+    assert delivery.close(timeout=0.05).undelivered == 5
+    server.down = False
+    delivery.put({"n": 5})
+    report = delivery.close(timeout=5.0)
+    assert server.received == records(6)
+    assert (report.undelivered, report.spill_path) == (0, None)
+
+
+def test_refused_records_go_to_the_rejected_file_and_the_others_are_delivered(tmp_path):
+    server = FlakyServer(refuse=lambda record: record["n"] == 2)
+    delivery = Delivery(
+        server, tmp_path / "spill.jsonl", backoff=FAST, is_permanent=lambda error: isinstance(error, ValueError)
+    )
+    for record in records(5):
+        delivery.put(record)
+    report = delivery.close(timeout=5.0)
+    assert server.received == [record for record in records(5) if record["n"] != 2]
+    assert (report.rejected, report.rejected_path) == (1, tmp_path / "spill.rejected.jsonl")
+    assert read_jsonl(report.rejected_path) == [{"n": 2, "error": "refused 2"}]
+    assert report.undelivered == 0
+
+
+def test_max_queue_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="max_queue"):
+        Delivery(FlakyServer(), tmp_path / "spill.jsonl", max_queue=0)
+
+
+def test_close_retries_at_once_instead_of_sleeping_out_the_backoff(tmp_path):
+    server = FlakyServer(failures=1)
+    delivery = Delivery(server, tmp_path / "spill.jsonl", backoff=Backoff(initial=30.0, maximum=30.0))
+    delivery.put({"n": 0})
+    wait_until(lambda: len(server.attempts) == 1)
+    started = time.monotonic()
+    report = delivery.close(timeout=5.0)
+    assert time.monotonic() - started < 1.0
+    assert (server.received, report.undelivered) == ([{"n": 0}], 0)
