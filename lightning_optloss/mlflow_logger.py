@@ -49,6 +49,23 @@ _STOCK_WARNING = (
 )
 
 
+def create_sqlite_store_once(tracking_uri: str | None) -> None:
+    """Create the tables of a new ``sqlite:///`` store under a lock file, so concurrent processes do not race.
+
+    MLflow creates a new sqlite store's schema on first open, and two processes doing so at once collide. Other
+    URIs, and platforms without ``fcntl``, are left alone.
+    """
+    if not tracking_uri or not tracking_uri.startswith("sqlite:///") or sys.platform == "win32":
+        return
+    import fcntl
+
+    database = Path(tracking_uri[len("sqlite:///") :])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
+
+
 class MLFlowLogger(StockMLFlowLogger):
     """Lightning's :class:`~lightning.pytorch.loggers.MLFlowLogger`, with the server calls off the training thread.
 
@@ -88,6 +105,10 @@ class MLFlowLogger(StockMLFlowLogger):
 
     ``synchronous`` is accepted and has no effect: records are always sent off the training thread, and
     synchronously by the worker (MLflow's asynchronous logging drops a batch that fails, instead of retrying it).
+
+    Every process constructs the logger (the stock constructor opens the store); with an ``sqlite:///`` store,
+    creating its tables is serialised with a lock file beside the database, so a multi-process launch on a new
+    sqlite store does not fail with "table ... already exists".
     """
 
     def __init__(
@@ -118,6 +139,7 @@ class MLFlowLogger(StockMLFlowLogger):
         self.flush_timeout = validation.real(_OWNER, "flush_timeout", flush_timeout, minimum=0.0)
         self.spill_dir = None if spill_dir is None else Path(spill_dir)
         self.request_timeout = validation.real(_OWNER, "request_timeout", request_timeout, minimum=0.0, strictly=True)
+        create_sqlite_store_once(tracking_uri)
         super().__init__(
             experiment_name, run_name, tracking_uri, tags, save_dir, log_model, prefix, artifact_location, run_id
         )
