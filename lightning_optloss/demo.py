@@ -56,7 +56,7 @@ class DigitsClassifier(pl.LightningModule):
         images, labels = batch
         logits = self(images)
         self.val_accuracy(logits, labels)
-        self.log("val_loss", nn.functional.cross_entropy(logits, labels))
+        self.log("val_loss", nn.functional.cross_entropy(logits, labels), sync_dist=True)
         self.log("val_accuracy", self.val_accuracy, prog_bar=True)
 
     def configure_optimizers(self) -> Any:

@@ -1,0 +1,1 @@
+"""Multi-device training recipes: ``python -m recipes.train fit --config recipes/<recipe>.yaml``."""

@@ -1,0 +1,62 @@
+"""recipes/ start and train as documented: DDP and FSDP2 on 2 CPU processes, through recipes/torchrun.sh."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("config", "run_name"), [("ddp.yaml", "ddp"), ("fsdp.yaml", "fsdp2")])
+def test_recipe_trains_on_two_cpu_processes_and_logs_to_mlflow(config, run_name, tmp_path):
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    environment = {
+        **os.environ,
+        "NPROC": "2",
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [
+        "bash",
+        str(RECIPES / "torchrun.sh"),
+        f"recipes/{config}",
+        "--trainer.accelerator=cpu",
+        "--trainer.max_steps=4",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.tracking_uri={tracking_uri}",
+    ]
+    done = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
+    assert run.info.run_name == run_name and run.info.status == "FINISHED"
+    steps = [metric.step for metric in client.get_metric_history(run.info.run_id, "OptimizeLoss/loss")]
+    assert steps == [0, 1, 2, 3]
+    assert "OptimizeLoss/global_norm/clipped_gradient_norm" in run.data.metrics
+    assert any(key.startswith("OptimizeLoss/gradients/features.0.weight/") for key in run.data.metrics)
+    assert "config.yaml" in [artifact.path for artifact in client.list_artifacts(run.info.run_id)]
+
+
+@pytest.mark.parametrize("script", ["torchrun.sh", "torchrun_multinode.sh", "slurm.sbatch"])
+def test_launch_scripts_are_valid_bash(script):
+    subprocess.run(["bash", "-n", str(RECIPES / script)], check=True)
+
+
+def test_multinode_launcher_says_which_variable_is_missing():
+    done = subprocess.run(
+        ["bash", str(RECIPES / "torchrun_multinode.sh"), "recipes/ddp.yaml"],
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode != 0 and "NNODES" in done.stderr
