@@ -165,6 +165,8 @@ class OptimizeLoss(Callback):
         self._loss_count = 0
         self._log_every_n_steps = 1
         self._logging = False
+        self._world_size = 1
+        self._loaded_world_size: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -201,6 +203,7 @@ class OptimizeLoss(Callback):
             self._resolved_seed = trainer.strategy.broadcast(secrets.randbelow(_SEED_LIMIT), src=0)
         self._log_every_n_steps = trainer.log_every_n_steps
         self._logging = bool(trainer.loggers) and bool(self.summaries)
+        self._world_size = trainer.world_size
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Parameters are resolved here, after configure_model (FSDP2 replaces them by DTensors there).
@@ -237,6 +240,12 @@ class OptimizeLoss(Callback):
                 scheduler.bind_global_step(self._global_step)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()  # Lightning calls no teardown hook after an exception
+
+    def _remove_hooks(self) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
@@ -352,13 +361,32 @@ class OptimizeLoss(Callback):
 
     # ------------------------------------------------------------------ state
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After every restore (strategies such as FSDP2 restore callbacks after on_fit_start).
+        saved = self._loaded_world_size
+        if saved is not None and saved != trainer.world_size:
+            rank_zero_warn(
+                f"{_OWNER}: resuming a checkpoint written by {saved} process(es) on {trainer.world_size}. Carried "
+                f"over unchanged: the global step ({self.global_step}), the noise seed and the clipping statistics; "
+                "none depends on the number of processes, so noise and clipping go on as in the saved run. What "
+                "changes is the data of each step (the sampler splits the dataset over the new number of "
+                "processes, and the global batch is per-process batch x processes), so the run does not continue "
+                "bit-identically to the saved one."
+            )
+        self._loaded_world_size = None
+
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"global_step": self.global_step, "seed": self._resolved_seed}
+        state: dict[str, Any] = {
+            "global_step": self.global_step,
+            "seed": self._resolved_seed,
+            "world_size": self._world_size,
+        }
         if hasattr(self.clip_gradients, "state_dict"):
             state["clip_gradients"] = self.clip_gradients.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded_world_size = state_dict.get("world_size")
         self.global_step = int(state_dict["global_step"])
         if state_dict.get("seed") is not None:
             self._resolved_seed = int(state_dict["seed"])
@@ -383,6 +411,8 @@ _RUN_STATE = (
     "_loss_count",
     "_log_every_n_steps",
     "_logging",
+    "_world_size",
+    "_loaded_world_size",
 )
 
 

@@ -61,6 +61,7 @@ def run(strategy: str, features: dict[str, Any], out: Path, steps: int = 6, **ex
         "weights": [torch.load(out / f"weights_rank{rank}.pt") for rank in range(ranks)],
         "states": [torch.load(out / f"state_rank{rank}.pt") for rank in range(ranks)],
         "metrics": json.loads((out / "metrics.json").read_text()),
+        "output": done.stdout + done.stderr,
     }
 
 
@@ -134,3 +135,8 @@ def test_ddp_resume_from_a_checkpoint_is_bit_identical(tmp_path):
             assert torch.equal(
                 resumed["states"][rank]["clip_gradients"][key], uninterrupted["states"][rank]["clip_gradients"][key]
             )
+    assert "resuming a checkpoint written by" not in resumed["output"]
+    # The same checkpoint on one process: what carries over is said, and the global step goes on from 4.
+    alone = run("single", {**features, "resume_from": str(checkpoint)}, tmp_path / "alone", steps=8)
+    assert "resuming a checkpoint written by 2 process(es) on 1" in " ".join(alone["output"].split())
+    assert alone["states"][0]["global_step"] == 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import lightning.pytorch as pl
@@ -10,7 +11,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from support import TinyRegression, make_trainer, regression_data
 
-from lightning_optloss import OptimizeLoss, configure_optimizers, strategies
+from lightning_optloss import OptimizeLoss, agc_clipping_fn, configure_optimizers, decay, strategies
 
 # (keyword arguments, text the message must contain besides the argument's name)
 CONSTRUCTION_ERRORS = [
@@ -48,6 +49,14 @@ CONSTRUCTION_ERRORS = [
     ({"seed": 2**63}, str(2**63)),
     ({"seed": 1.5}, "1.5"),
     ({"seed": True}, "True"),
+    ({"on_nonfinite": "Skip"}, "Did you mean 'skip'"),
+    ({"on_nonfinite": "ignore"}, "'ignore'"),
+    ({"clip_gradients": {}}, "{}"),
+    ({"clip_gradients": {"": 1.0}}, "{'': 1.0}"),
+    ({"clip_gradients": {"w*": 0.0}}, "0.0"),
+    ({"clip_gradients": {"w*": "1"}}, "'1'"),
+    ({"clip_gradients": {3: 1.0}}, "{3: 1.0}"),
+    ({"gradient_noise_scale": int}, "int"),
 ]
 
 
@@ -73,7 +82,7 @@ class WithExtraParameters(TinyRegression):
 
 
 def _fit(callback, model=None, **trainer_kwargs):
-    trainer = make_trainer([callback], max_steps=2, **trainer_kwargs)
+    trainer = make_trainer([callback], **{"max_steps": 2, **trainer_kwargs})
     trainer.fit(model or TinyRegression(), regression_data(2))
     return trainer
 
@@ -86,6 +95,9 @@ SETUP_ERRORS = [
     (lambda: OptimizeLoss(variables=["w1", "w1"]), None, "twice"),
     (lambda: OptimizeLoss(variables=[torch.nn.Parameter(torch.zeros(3))]), None, "shape (3,)"),
     (lambda: OptimizeLoss(), lambda: WithExtraParameters(collide=True), "both become metric key"),
+    (lambda: OptimizeLoss(clip_gradients={"w*": 1.0, "bias*": 0.5}), None, "'bias*'"),
+    (lambda: OptimizeLoss(clip_gradients={"w*": 1.0, "w1": 0.5}), None, "never apply"),
+    (lambda: OptimizeLoss(clip_gradients=agc_clipping_fn(exclude="head.*")), None, "'head.*'"),
 ]
 
 
@@ -98,7 +110,7 @@ def test_invalid_names_and_parameters_fail_at_setup(callback, model, shown):
             started.append(True)
 
     trainer = make_trainer([callback(), NoStep()], max_steps=1)
-    with pytest.raises(ValueError, match="OptimizeLoss") as error:
+    with pytest.raises(ValueError, match=r"OptimizeLoss|agc_clipping_fn") as error:
         trainer.fit(model() if model else TinyRegression(), regression_data(1))
     assert shown in str(error.value)
     assert not started
@@ -220,3 +232,44 @@ def test_optimizer_instance_must_agree_with_learning_rate_and_variables():
 def test_helper_needs_a_module():
     with pytest.raises(ValueError, match="`module`"):
         configure_optimizers([torch.nn.Parameter(torch.zeros(1))], "SGD", 0.1)
+
+
+def test_failure_at_fit_start_leaves_no_hooks_and_no_bound_scheduler():
+    class WithSchedule(TinyRegression):
+        def configure_optimizers(self):
+            return configure_optimizers(self, "SGD", 0.1, functools.partial(decay.cosine_decay, decay_steps=10))
+
+    callback = OptimizeLoss(gradient_multipliers={"w9": 2.0})
+    trainer = make_trainer([callback], max_steps=2)
+    with pytest.raises(ValueError, match="'w9'"):
+        trainer.fit(WithSchedule(), regression_data(2))
+    (optimizer,) = trainer.optimizers
+    assert not optimizer._optimizer_step_post_hooks
+    assert trainer.lr_scheduler_configs[0].scheduler._global_step is None
+    assert callback._pipeline is None and callback.global_step == 0
+
+
+def test_decay_fn_failing_later_names_itself_and_the_step():
+    def fragile(learning_rate, global_step):
+        return -1.0 if global_step == 2 else learning_rate
+
+    class Fragile(TinyRegression):
+        def configure_optimizers(self):
+            return configure_optimizers(self, "SGD", 0.1, fragile)
+
+    with pytest.raises(ValueError, match=r"learning_rate_decay_fn .*fragile returned -1.0 .* global_step=2"):
+        _fit(OptimizeLoss(), Fragile(), max_steps=4)
+
+
+def test_an_exception_during_fit_removes_the_optimizer_hooks():
+    class Failing(TinyRegression):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 1:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    trainer = make_trainer([OptimizeLoss()], max_steps=3)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(Failing(), regression_data(3))
+    (optimizer,) = trainer.optimizers
+    assert not optimizer._optimizer_step_post_hooks

@@ -41,6 +41,7 @@ from lightning_optloss import (
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore")
+warnings.filterwarnings("default", message="OptimizeLoss")  # the tests read what OptimizeLoss says
 
 
 class ShardedRegression(TinyRegression):
