@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_optloss import strategies, transforms, validation
+from lightning_optloss import histograms, mlflow_io, run_info, strategies, transforms, validation
 from lightning_optloss.configure import LearningRateDecay
 from lightning_optloss.parameters import ModuleParameters, NamedParameter, ParameterKey
 from lightning_optloss.summaries import (
@@ -187,6 +187,7 @@ class OptimizeLoss(Callback):
             scheduler = config.scheduler
             if isinstance(scheduler, LearningRateDecay) and id(scheduler.optimizer) in self._by_optimizer:
                 scheduler.bind_global_step(self._current_global_step)
+        self._start_mlflow_records(trainer)
 
     def _current_global_step(self) -> int:
         return self.global_step
@@ -327,6 +328,33 @@ class OptimizeLoss(Callback):
         self._stepped_in_batch = False
         self._loss_sum = None
         self._loss_count = 0
+
+    # ------------------------------------------------------------------ MLflow run records
+
+    def _start_mlflow_records(self, trainer: pl.Trainer) -> None:
+        """Rank 0, with an MLflow logger: log the run configuration (``run_info``)."""
+        if not trainer.is_global_zero or not mlflow_io.mlflow_loggers(trainer.loggers):
+            return
+        names = {entry.index: entry.name for entry in self._params}
+        configuration = run_info.callback_configuration(
+            name=self.name,
+            gradient_noise_scale=self.gradient_noise_scale,
+            multipliers={names[index]: factor for index, factor in self._multiplier_by_index.items()},
+            clip_gradients=self.clip_gradients,
+            variables=None if self.variables is None else list(names.values()),
+            summaries=self.summaries,
+            increment_global_step=self.increment_global_step,
+            seed=self._resolved_seed,
+            update_ops=self.update_ops,
+            colocate_gradients_with_ops=self.colocate_gradients_with_ops,
+            histogram_bins=histograms.HISTOGRAM_BINS,
+        )
+        optimizers = [
+            (i, optimizer) for i, optimizer in enumerate(trainer.optimizers) if id(optimizer) in self._by_optimizer
+        ]
+        numbered = len(trainer.optimizers) > 1
+        configuration.update(run_info.optimizer_configuration(optimizers, trainer.lr_scheduler_configs, numbered))
+        run_info.log_run_configuration(trainer.loggers, configuration, run_info.run_tags(trainer), self.name)
 
     # ------------------------------------------------------------------ state
 
