@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_optloss import histograms, mlflow_io, run_info, strategies, transforms, validation
+from lightning_optloss import artifacts, histograms, mlflow_io, run_info, strategies, transforms, validation
 from lightning_optloss.configure import LearningRateDecay
 from lightning_optloss.parameters import ModuleParameters, NamedParameter, ParameterKey
 from lightning_optloss.summaries import (
@@ -121,6 +121,7 @@ class OptimizeLoss(Callback):
         self._loss_count = 0
         self._log_every_n_steps = 1
         self._logging = False
+        self._run_artifacts: artifacts.RunArtifacts | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -197,6 +198,9 @@ class OptimizeLoss(Callback):
             handle.remove()
         self._hooks.clear()
         self._by_optimizer.clear()
+        if self._run_artifacts is not None:
+            self._run_artifacts.cleanup()
+            self._run_artifacts = None
 
     # ------------------------------------------------------------------ the step
 
@@ -292,6 +296,8 @@ class OptimizeLoss(Callback):
         if "gradients" in self.summaries:
             tags = [f"{self.name}/gradients/{key}/{statistic}" for key in keys for statistic in GRADIENT_STATISTICS]
             record.add_rows(tags, transforms.gradient_statistics(grads, norms))
+            if self._run_artifacts is not None:
+                record.add_histograms([entry.name for entry in entries], histograms.histogram_table(grads))
 
     def _after_optimizer_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         """Runs after an optimizer update that really happened (AMP skips both the update and this)."""
@@ -322,7 +328,10 @@ class OptimizeLoss(Callback):
                 record.add(f"{self.name}/loss", mean_loss)
         if trainer.is_global_zero:
             for record in self._ready:
-                deliver(trainer.loggers, record.resolve(), record.step)
+                metrics = record.resolve()
+                deliver(trainer.loggers, metrics, record.step)
+                if self._run_artifacts is not None:
+                    self._run_artifacts.record(record.step, metrics, record.histograms)
         self._ready.clear()
         self._processed.clear()
         self._stepped_in_batch = False
@@ -332,7 +341,7 @@ class OptimizeLoss(Callback):
     # ------------------------------------------------------------------ MLflow run records
 
     def _start_mlflow_records(self, trainer: pl.Trainer) -> None:
-        """Rank 0, with an MLflow logger: log the run configuration (``run_info``)."""
+        """Rank 0, with an MLflow logger: log the run configuration (``run_info``), start the artifacts."""
         if not trainer.is_global_zero or not mlflow_io.mlflow_loggers(trainer.loggers):
             return
         names = {entry.index: entry.name for entry in self._params}
@@ -355,6 +364,18 @@ class OptimizeLoss(Callback):
         numbered = len(trainer.optimizers) > 1
         configuration.update(run_info.optimizer_configuration(optimizers, trainer.lr_scheduler_configs, numbered))
         run_info.log_run_configuration(trainer.loggers, configuration, run_info.run_tags(trainer), self.name)
+        if self._logging:
+            self._run_artifacts = artifacts.RunArtifacts(trainer.loggers, self.name)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._run_artifacts is not None:
+            self._run_artifacts.finish()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._run_artifacts is not None:  # upload what the failed fit has (no teardown hook follows)
+            self._run_artifacts.finish()
+            self._run_artifacts.cleanup()
+            self._run_artifacts = None
 
     # ------------------------------------------------------------------ state
 
