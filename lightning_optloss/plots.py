@@ -10,6 +10,7 @@ A *series* is ``(steps, values)``: two equally long sequences, the steps ascendi
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ Series = tuple[Sequence[int], Sequence[float]]
 HistogramRow = tuple[int, Sequence[float | None], Sequence[int]]  # step, edges, counts
 
 STEP_LABEL = "global step (optimizer updates)"
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">"]
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
 
 
@@ -33,9 +35,19 @@ def new_figure(width: float, height: float) -> Figure:
 
 
 def save_png(figure: Figure, path: Path, dpi: int = 100) -> Path:
-    """Write ``figure`` as a PNG at ``path`` (parents created); return the path."""
+    """Write ``figure`` as a PNG at ``path`` (parents created); return the path.
+
+    The picture is stored with a 256-colour palette (no dithering): a third of the size of full colour for these
+    plots, which matters for artifacts kept by the thousand and for the committed example store.
+    """
+    from PIL import Image
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=dpi, facecolor="white")
+    rendered = io.BytesIO()
+    figure.savefig(rendered, format="png", dpi=dpi, facecolor="white")
+    rendered.seek(0)
+    with Image.open(rendered) as image:
+        image.convert("RGB").quantize(256, dither=Image.Dither.NONE).save(path, format="PNG", optimize=True)
     return path
 
 
@@ -80,8 +92,8 @@ def training_curves(series: Mapping[str, Series], title: str) -> Figure:
         if key == "norms":
             drawn = []
             for name, label, style in (
-                ("gradient_norm", "before clipping", {"color": _COLORS[0], "linewidth": 1.4}),
-                ("clipped_gradient_norm", "after clipping", {"color": _COLORS[1], "linewidth": 1.4}),
+                ("gradient_norm", "before clipping", {"color": _COLORS[0], "linewidth": 2.6}),
+                ("clipped_gradient_norm", "after clipping", {"color": _COLORS[1], "linewidth": 1.2}),
                 ("adaptive_max_gradient_norm", "adaptive clip threshold", {"color": "0.35", "linestyle": "--"}),
             ):
                 if name in series:
@@ -236,25 +248,34 @@ def run_comparison(runs: Sequence[tuple[str, Mapping[str, Series]]], title: str)
         axes.set_ylabel(ylabel)
         axes.grid(True, alpha=0.3)
     losses, norms = [], []
+    # Runs often share a learning rate, and runs that do not clip share a ratio of 1: each run marks every
+    # len(runs)-th point, starting at its own offset, so lines on top of each other still show every run.
     for number, (label, series) in enumerate(runs):
         color = _COLORS[number % len(_COLORS)]
+        style = {
+            "color": color,
+            "linewidth": 1.3,
+            "marker": _MARKERS[number % len(_MARKERS)],
+            "markersize": 5,
+            "markevery": (number % len(runs), len(runs)),
+        }
         if "loss" in series:
             steps, values = _finite(series["loss"])
-            loss_axes.plot(steps, values, color=color, label=label, linewidth=1.3)
+            loss_axes.plot(steps, values, label=label, **style)
             losses.append(values)
         if "gradient_norm" in series:
             steps, before = _finite(series["gradient_norm"])
-            norm_axes.plot(steps, before, color=color, linewidth=1.3, label=label)
+            norm_axes.plot(steps, before, label=label, **style)
             norms.append(before)
             ratio_steps, ratio = clip_ratio(series)
-            ratio_axes.plot(ratio_steps, ratio, color=color, linewidth=1.3, label=label)
+            ratio_axes.plot(ratio_steps, ratio, label=label, **style)
         if "clipped_gradient_norm" in series:
             steps, after = _finite(series["clipped_gradient_norm"])
             norm_axes.plot(steps, after, color=color, linewidth=1.1, linestyle="--")
             norms.append(after)
         if "learning_rate" in series:
             steps, values = _finite(series["learning_rate"])
-            rate_axes.plot(steps, values, color=color, linewidth=1.3, label=label)
+            rate_axes.plot(steps, values, label=label, **style)
     _log_scale_if_wide(loss_axes, losses)
     _log_scale_if_wide(norm_axes, norms)
     ratio_axes.set_ylim(0.0, 1.05)
