@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-slow test-all lint format reference clean
+.PHONY: venv demo example test test-slow test-all lint format reference clean
 
 venv: $(VENV)/.installed
 
@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml
 
 demo: venv
 	$(BIN)/python -m lightning_optloss.demo
+
+# Regenerates the committed example store mlruns_example/ (four short runs, about a minute on a CPU).
+example: venv
+	$(BIN)/python -m lightning_optloss.example --output mlruns_example
 
 test: venv
 	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
