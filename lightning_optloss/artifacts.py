@@ -1,9 +1,11 @@
 """A fit's OptimizeLoss artifacts in MLflow: gradient histograms as JSON lines, and PNG plots.
 
 On rank 0, :class:`RunArtifacts` receives every logged step's summaries from the callback. Histograms are
-appended to a local file as they come (memory stays bounded whatever the length of the fit); the series the
-plots need are kept in memory, thinned to at most :data:`MAX_POINTS` evenly spaced logged steps. At the end
-of the fit, or when it fails, it draws the plots and uploads everything to each MLflow logger's run::
+appended to a local file as they come (memory stays bounded whatever the length of the fit); what the plots
+need is kept in memory, thinned to evenly spaced logged steps: the curves and per-parameter norms (float32) at
+no more than :data:`MAX_POINTS` of them, the histograms of the 4 largest parameters at no more than
+:data:`DISTRIBUTION_STEPS`. The histogram file is never read back. At the end of the fit, or when it fails, it
+draws the plots and uploads everything to each MLflow logger's run::
 
     optimize_loss/histograms/gradients.jsonl   one line per logged step and parameter (format in histograms.py)
     optimize_loss/plots/training_curves.png    loss, learning rate, global norm before/after clipping
@@ -50,6 +52,7 @@ CURVE_TAGS = {
     "clipped_gradient_norm": "global_norm/clipped_gradient_norm",
     "adaptive_max_gradient_norm": "global_norm/adaptive_max_gradient_norm",
 }
+_CURVE_NAMES = {tag: name for name, tag in CURVE_TAGS.items()}
 _NORM_TAG = "gradient_norm/"
 PLOTS_ENVIRONMENT_VARIABLE = "LIGHTNING_OPTLOSS_PLOTS"
 
@@ -93,8 +96,13 @@ class RunArtifacts:
         self.upload_dir = self.directory / run_info.artifact_root(name)
         self.histogram_path = self.upload_dir / HISTOGRAM_FILE
         self._histogram_file: TextIO | None = None
+        # Per logged step: the curves' values and the per-parameter norms (float32, in _norm_index order).
         self._rows = Thinned(MAX_POINTS)
-        self._norm_keys: dict[str, None] = {}  # per-parameter norm tags, in the order first seen
+        self._norm_index: dict[str, int] = {}  # parameter key of a gradient_norm tag -> position, first seen first
+        # The histograms of the largest parameters (chosen at the first logged step), for the distributions plot.
+        self._sizes: dict[str, int] = {}
+        self._largest: list[str] = []
+        self._distributions = Thinned(DISTRIBUTION_STEPS)
         self.finished = False
         self.uploaded = False
 
@@ -105,23 +113,36 @@ class RunArtifacts:
                 self.histogram_path.parent.mkdir(parents=True, exist_ok=True)
                 self._histogram_file = self.histogram_path.open("a", encoding="utf-8")
             self._histogram_file.writelines(histogram.to_json(step) + "\n" for histogram in histograms)
+            if any(histogram.param not in self._sizes for histogram in histograms):  # the first steps only
+                self._sizes.update({histogram.param: sum(histogram.counts) for histogram in histograms})
+                largest = set(sorted(self._sizes, key=lambda param: -self._sizes[param])[:DISTRIBUTION_PARAMETERS])
+                self._largest = [param for param in self._sizes if param in largest]  # in the module's order
+            chosen = {h.param: (h.edges, h.counts) for h in histograms if h.param in self._largest}
+            self._distributions.add((step, chosen))
         prefix = f"{self.name}/"
-        kept = {key[len(prefix) :]: value for key, value in metrics.items() if key.startswith(prefix)}
-        for key in kept:
-            if key.startswith(_NORM_TAG):
-                self._norm_keys.setdefault(key[len(_NORM_TAG) :])
-        wanted = set(CURVE_TAGS.values())
-        self._rows.add((step, {k: v for k, v in kept.items() if k in wanted or k.startswith(_NORM_TAG)}))
+        curves = {}
+        norms: dict[int, float] = {}
+        for key, value in metrics.items():
+            if not key.startswith(prefix):
+                continue
+            tag = key[len(prefix) :]
+            if tag in _CURVE_NAMES:
+                curves[_CURVE_NAMES[tag]] = value
+            elif tag.startswith(_NORM_TAG):
+                norms[self._norm_index.setdefault(tag[len(_NORM_TAG) :], len(self._norm_index))] = value
+        row = np.full(len(self._norm_index), np.nan, dtype=np.float32)
+        for position, value in norms.items():
+            row[position] = value
+        self._rows.add((step, curves, row))
 
     def series(self) -> dict[str, tuple[list[int], list[float]]]:
         """The plot series kept so far: ``{"loss": (steps, values), ...}`` (keys of ``CURVE_TAGS``)."""
         found: dict[str, tuple[list[int], list[float]]] = {}
-        for step, values in self._rows.items:
-            for series_name, tag in CURVE_TAGS.items():
-                if tag in values:
-                    steps, numbers = found.setdefault(series_name, ([], []))
-                    steps.append(step)
-                    numbers.append(values[tag])
+        for step, curves, _ in self._rows.items:
+            for series_name, value in curves.items():
+                steps, numbers = found.setdefault(series_name, ([], []))
+                steps.append(step)
+                numbers.append(value)
         return found
 
     def finish(self, run_label: str | None = None) -> list[str]:
@@ -187,7 +208,7 @@ class RunArtifacts:
         if series:
             figure = plots.training_curves(series, f"{self.name}: training curves, {run_label}")
             drawn.append(plots.save_png(figure, self.upload_dir / TRAINING_CURVES))
-        if self._norm_keys:
+        if self._norm_index:
             steps, names, norms = self._norm_matrix()
             title = f"{self.name}: gradient norm per parameter, {run_label}"
             drawn.append(
@@ -195,7 +216,10 @@ class RunArtifacts:
                     plots.gradient_norm_heatmap(steps, names, norms, title), self.upload_dir / GRADIENT_NORMS
                 )
             )
-        largest = largest_parameter_histograms(self.histogram_path, DISTRIBUTION_PARAMETERS, DISTRIBUTION_STEPS)
+        largest: dict[str, list[tuple[int, list[float | None], list[int]]]] = {p: [] for p in self._largest}
+        for step, chosen in self._distributions.items:
+            for param, (edges, counts) in chosen.items():
+                largest[param].append((step, edges, counts))
         if largest:
             title = f"{self.name}: gradient distributions over time (largest parameters), {run_label}"
             figure = plots.gradient_distributions(largest, title)
@@ -203,13 +227,12 @@ class RunArtifacts:
         return drawn
 
     def _norm_matrix(self) -> tuple[list[int], list[str], np.ndarray]:
-        names = list(self._norm_keys)
-        rows = [(step, values) for step, values in self._rows.items if any(k.startswith(_NORM_TAG) for k in values)]
-        norms = np.full((len(names), len(rows)), np.nan)
-        for column, (_, values) in enumerate(rows):
-            for row, name in enumerate(names):
-                norms[row, column] = values.get(_NORM_TAG + name, np.nan)
-        return [step for step, _ in rows], names, norms
+        """Per-parameter norms, ``(parameters, steps)``, at the kept steps that logged any (NaN where missing)."""
+        rows = [(step, row) for step, _, row in self._rows.items if np.isfinite(row).any()]
+        norms = np.full((len(self._norm_index), len(rows)), np.nan)
+        for column, (_, row) in enumerate(rows):
+            norms[: len(row), column] = row
+        return [step for step, _ in rows], list(self._norm_index), norms
 
 
 def read_histograms(path: Path) -> Iterable[dict[str, Any]]:
