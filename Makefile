@@ -5,8 +5,11 @@ BIN := $(VENV)/bin
 # The CPU wheel of torch 2.13.0 lies on the CI machines; elsewhere pip fetches the same release.
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
+# Debian's chromium, driven by Playwright for Python (Playwright's own browser download cannot work here).
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv demo test test-slow test-all lint format reference clean
+.PHONY: venv demo example test test-slow test-all test-browser lint format reference clean
 
 venv: $(VENV)/.installed
 
@@ -19,14 +22,26 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(BIN)/python -m lightning_optloss.demo
 
+# Regenerates the committed example store mlruns_example/ (four short runs, about a minute on a CPU).
+example: venv
+	$(BIN)/python -m lightning_optloss.example --output mlruns_example
+
 test: venv
 	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 test-slow: venv
-	$(BIN)/python -m pytest -m "slow and not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "slow and not gpu and not browser" $(PYTEST_ARGS)
 
 test-all: venv
-	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not gpu and not browser" $(PYTEST_ARGS)
+
+# Headless Chromium through the MLflow UI on mlruns_example/ (about a minute and a half, plus the
+# chromium install the first time); screenshots in tests/artifacts/.
+test-browser: venv
+	@test -x "$(CHROMIUM)" || { $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	$(BIN)/python -c "import playwright" 2>/dev/null || $(BIN)/python -m pip install --quiet "playwright>=1.45"
+	CHROMIUM=$(CHROMIUM) LIGHTNING_OPTLOSS_BROWSER=required $(BIN)/python -m pytest -m browser $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .
@@ -37,4 +52,4 @@ format: venv
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) demo_mlruns .pytest_cache .ruff_cache lightning_logs *.egg-info
+	rm -rf $(VENV) demo_mlruns .pytest_cache .ruff_cache lightning_logs *.egg-info tests/artifacts

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_optloss import strategies, transfers, transforms, validation
+from lightning_optloss import artifacts, histograms, mlflow_io, run_info, strategies, transfers, transforms, validation
 from lightning_optloss.configure import LearningRateDecay
 from lightning_optloss.mlflow_logger import warn_if_stock_mlflow_logger
 from lightning_optloss.parameters import ModuleParameters, NamedParameter, ParameterKey
@@ -167,6 +167,7 @@ class OptimizeLoss(Callback):
         self._logging = False
         self._world_size = 1
         self._loaded_world_size: int | None = None
+        self._run_artifacts: artifacts.RunArtifacts | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -238,18 +239,25 @@ class OptimizeLoss(Callback):
             scheduler = config.scheduler
             if isinstance(scheduler, LearningRateDecay) and id(scheduler.optimizer) in self._by_optimizer:
                 scheduler.bind_global_step(self._global_step)
+        self._start_mlflow_records(trainer, params, multipliers)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hooks()
+        self._release()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._remove_hooks()  # Lightning calls no teardown hook after an exception
+        if self._run_artifacts is not None:  # upload what the failed fit has
+            self._run_artifacts.finish()
+        self._release()  # Lightning calls no teardown hook after an exception
 
-    def _remove_hooks(self) -> None:
+    def _release(self) -> None:
+        """Remove the optimizer hooks and the local artifact files."""
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
         self._by_optimizer.clear()
+        if self._run_artifacts is not None:
+            self._run_artifacts.cleanup()
+            self._run_artifacts = None
 
     # ------------------------------------------------------------------ the step
 
@@ -345,6 +353,8 @@ class OptimizeLoss(Callback):
         for record in self._ready:
             metrics, extras = record.resolve()
             deliver(trainer.loggers, metrics, record.step)
+            if self._run_artifacts is not None:
+                self._run_artifacts.record(record.step, metrics, record.histograms)
             for key, values in extras.items():
                 self._warn_nonfinite(self._monitors[int(key.split("/")[1])], values)
 
@@ -358,6 +368,42 @@ class OptimizeLoss(Callback):
         if trainer.is_global_zero:
             for monitor in self._monitors.values():
                 self._warn_nonfinite(monitor, transfers.to_host(monitor.pending()))
+
+    # ------------------------------------------------------------------ MLflow run records
+
+    def _start_mlflow_records(
+        self, trainer: pl.Trainer, params: list[NamedParameter], multipliers: dict[int, float]
+    ) -> None:
+        """Rank 0, with an MLflow logger: log the run configuration (``run_info``), start the artifacts."""
+        if not trainer.is_global_zero or not mlflow_io.mlflow_loggers(trainer.loggers):
+            return
+        names = {entry.index: entry.name for entry in params}
+        configuration = run_info.callback_configuration(
+            name=self.name,
+            gradient_noise_scale=self.gradient_noise_scale,
+            multipliers={names[index]: factor for index, factor in multipliers.items()},
+            clip_gradients=self.clip_gradients,
+            variables=None if self.variables is None else list(names.values()),
+            summaries=self.summaries,
+            increment_global_step=self.increment_global_step,
+            seed=self._resolved_seed,
+            update_ops=self.update_ops,
+            colocate_gradients_with_ops=self.colocate_gradients_with_ops,
+            histogram_bins=histograms.HISTOGRAM_BINS,
+        )
+        optimizers = [
+            (i, optimizer) for i, optimizer in enumerate(trainer.optimizers) if id(optimizer) in self._by_optimizer
+        ]
+        numbered = len(trainer.optimizers) > 1
+        configuration.update(run_info.optimizer_configuration(optimizers, trainer.lr_scheduler_configs, numbered))
+        run_info.log_run_configuration(trainer.loggers, configuration, run_info.run_tags(trainer), self.name)
+        if self._logging:
+            self._run_artifacts = artifacts.RunArtifacts(trainer.loggers, self.name)
+            self._pipeline.histograms = True
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._run_artifacts is not None:
+            self._run_artifacts.finish()
 
     # ------------------------------------------------------------------ state
 
@@ -413,6 +459,7 @@ _RUN_STATE = (
     "_logging",
     "_world_size",
     "_loaded_world_size",
+    "_run_artifacts",
 )
 
 

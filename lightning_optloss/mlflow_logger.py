@@ -175,6 +175,15 @@ class MLFlowLogger(StockMLFlowLogger):
         client = super().experiment
         return self._queueing_client if getattr(self._local, "queueing", False) else client
 
+    def queued(self) -> contextlib.AbstractContextManager[None]:
+        """Inside ``with logger.queued():``, :attr:`experiment` queues what it is asked to write.
+
+        The stand-in client takes ``log_batch``, ``log_artifact``, ``log_artifacts`` and ``set_terminated`` and
+        turns each into a record of this logger's queue (delivered in order, retried, spilled, replayable), like
+        the logger's own methods; lightning_optloss logs its run configuration and artifacts this way.
+        """
+        return self._queueing()
+
     @contextlib.contextmanager
     def _queueing(self) -> Iterator[None]:
         previous = getattr(self._local, "queueing", False)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_optloss import transforms, validation
+from lightning_optloss import histograms, transforms, validation
 from lightning_optloss.parameters import NamedParameter
 from lightning_optloss.strategies import GradientAccess, ShardLayout
 from lightning_optloss.summaries import GRADIENT_STATISTICS, SummaryRecord, metric_key
@@ -144,6 +144,7 @@ class GradientPipeline:
         self.on_nonfinite = on_nonfinite
         self.clip_keywords = [k for k in CLIP_KEYWORDS if callable(clip) and validation.accepts_keyword(clip, k)]
         self.global_norms_logged = "global_gradient_norm" in self.summaries or "gradient_norm" in self.summaries
+        self.histograms = False  # set when the run keeps histogram artifacts (the "gradients" summary)
 
     def gather(self, entries: list[NamedParameter]) -> StepGradients:
         """The gradients of ``entries`` that exist, as local tensors, or an error if none does."""
@@ -290,6 +291,16 @@ class GradientPipeline:
                 moments = self.access.combine_over_shards(moments, gradients.layouts, transforms.combine_moments)
             tags = [f"{self.name}/gradients/{key}/{statistic}" for key in keys for statistic in GRADIENT_STATISTICS]
             record.add_rows(tags, transforms.gradient_statistics(moments, norms))
+            if self.histograms:
+                record.add_histograms([entry.name for entry in gradients.entries], self._histograms(gradients, moments))
+
+    def _histograms(self, gradients: StepGradients, moments: Tensor) -> Tensor:
+        """The histogram table, bins over each full gradient's [min, max] (counts summed over shards)."""
+        table = histograms.histogram_table(gradients.grads, bounds=moments[:, 3:5])
+        if gradients.sharded:
+            counts = self.access.combine_over_shards(table[:, 2:], gradients.layouts, lambda parts: parts.sum(0))
+            table = torch.cat([table[:, :2], counts], dim=1)
+        return table
 
 
 def _group_keys(groups: ClipGroups) -> list[str]:

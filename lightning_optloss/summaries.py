@@ -2,7 +2,9 @@
 
 TF wrote summaries to TensorBoard event files; here they go to every logger of the Trainer (MLflow loggers
 first) as metrics, under TF's tags with the callback's ``name`` as prefix. MLflow has no histogram type,
-so TF's ``gradients`` histograms become statistics metrics (``.../gradients/<param>/mean`` ...).
+so TF's ``gradients`` histograms become statistics metrics (``.../gradients/<param>/mean`` ...) plus, with an
+MLflow logger, binned histograms (:mod:`lightning_optloss.histograms`) that travel in the same transfer and
+become run artifacts.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from lightning.pytorch.loggers import Logger, MLFlowLogger
 from torch import Tensor
 
 from lightning_optloss import transfers, validation
+from lightning_optloss.histograms import Histogram
 
 OPTIMIZER_SUMMARIES = ["learning_rate", "loss", "gradients", "gradient_norm", "global_gradient_norm"]
 DEFAULT_SUMMARIES = ["loss", "learning_rate", "global_gradient_norm"]
@@ -63,7 +66,9 @@ def metric_keys(owner: str, names: Sequence[str]) -> list[str]:
 class SummaryRecord:
     """The summaries of one optimizer step, still on the device until :meth:`resolve`.
 
-    ``step`` is the global step at which the gradients were computed (0 for the first update).
+    ``step`` is the global step at which the gradients were computed (0 for the first update). Histogram
+    tables (:func:`~lightning_optloss.histograms.histogram_table`) travel in the same single copy;
+    :meth:`resolve` leaves them in :attr:`histograms`.
     """
 
     step: int
@@ -71,6 +76,8 @@ class SummaryRecord:
     tensors: dict[str, Tensor] = field(default_factory=dict)
     vectors: list[tuple[list[str], Tensor]] = field(default_factory=list)
     extras: dict[str, Tensor] = field(default_factory=dict)
+    histogram_tables: list[tuple[list[str], Tensor]] = field(default_factory=list)
+    histograms: list[Histogram] = field(default_factory=list)
 
     def add(self, tag: str, value: Tensor | float) -> None:
         if isinstance(value, Tensor):
@@ -86,11 +93,19 @@ class SummaryRecord:
         """Values that travel with the summaries but are not metrics (e.g. non-finite bookkeeping)."""
         self.extras[key] = values
 
+    def add_histograms(self, params: list[str], table: Tensor) -> None:
+        """Add the histograms of ``params``: row ``i`` of ``table`` (``histogram_table``) is ``params[i]``'s."""
+        self.histogram_tables.append((params, table))
+
     def resolve(self) -> tuple[dict[str, float], dict[str, list[float]]]:
-        """The metrics and the extras as Python floats, with one device-to-host transfer for all tensors."""
+        """The metrics and the extras as Python floats, with one device-to-host transfer for all tensors.
+
+        The histograms come back in the same transfer and are left in :attr:`histograms`.
+        """
         parts = [value.reshape(-1) for value in self.tensors.values()]
         parts += [values.reshape(-1) for _, values in self.vectors]
         parts += [values.reshape(-1) for values in self.extras.values()]
+        parts += [table.reshape(-1) for _, table in self.histogram_tables]
         metrics = dict(self.values)
         if not parts:
             return metrics, {}
@@ -108,6 +123,12 @@ class SummaryRecord:
         for key, values in self.extras.items():
             extras[key] = numbers[position : position + values.numel()]
             position += values.numel()
+        self.histograms = []
+        for params, table in self.histogram_tables:
+            width = table.shape[-1]
+            for param in params:
+                self.histograms.append(Histogram.from_row(param, numbers[position : position + width]))
+                position += width
         return metrics, extras
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,9 @@ logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
 warnings.filterwarnings("ignore", ".*litlogger.*")
+# Every fit with an MLflow logger ends by drawing PNGs (about a second); the suite runs dozens of short fits,
+# so only the tests about the plots draw them (they set LIGHTNING_OPTLOSS_PLOTS=1 with monkeypatch).
+os.environ.setdefault("LIGHTNING_OPTLOSS_PLOTS", "0")
 
 
 def pytest_configure(config: pytest.Config) -> None:

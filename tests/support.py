@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_optloss import configure_optimizers
+
+REPOSITORY = Path(__file__).resolve().parent.parent
 
 # Worst relative error per TF parity check, printed at the end of the session by conftest.py.
 PARITY_WORST: dict[str, float] = {}
@@ -116,3 +119,11 @@ def make_trainer(callbacks: list[pl.Callback], logger: Any = False, **kwargs: An
     }
     options.update(kwargs)
     return pl.Trainer(**options)
+
+
+def subprocess_environment(**extra: str) -> dict[str, str]:
+    """The environment for ``python -m lightning_optloss...`` in a subprocess: this checkout first on the path
+    (whether or not the package is installed), plus ``extra``."""
+    environment = dict(os.environ, **extra)
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPOSITORY), environment.get("PYTHONPATH")]))
+    return environment

@@ -220,7 +220,9 @@ def test_training_goes_on_through_a_server_restart_and_every_record_arrives(live
 
     history, run = stored(live_server, logger)
     assert_every_step_stored(history, 12)
-    assert run.data.params == {key: str(value) for key, value in HPARAMS.items()}
+    user_params = {key: value for key, value in run.data.params.items() if not key.startswith("optimize_loss.")}
+    assert user_params == {key: str(value) for key, value in HPARAMS.items()}
+    assert "optimize_loss.clip_mode" in run.data.params  # the run configuration went through the outage too
     assert run.info.status == "FINISHED"
     # Not a performance test: while the server was down no call may have waited for a send or a retry.
     down = [seconds for seconds, up in logger.calls if not up]
@@ -259,11 +261,15 @@ def test_records_left_when_fit_ends_with_the_server_down_are_replayed_later(live
     assert f"delivered {len(records)} of {len(records)} records to run {logger.run_id}" in capsys.readouterr().out
     history, run = stored(live_server, logger)
     assert_every_step_stored(history, 6)
-    assert run.data.params == {key: str(value) for key, value in HPARAMS.items()}
+    user_params = {key: value for key, value in run.data.params.items() if not key.startswith("optimize_loss.")}
+    assert user_params == {key: str(value) for key, value in HPARAMS.items()}
+    assert run.data.params["optimize_loss.clip_mode"] == "none"  # OptimizeLoss's run configuration, replayed
     assert run.info.status == "FINISHED"
     assert run.info.end_time == records[-1]["end_time"]
-    logged = {item.path for item in MlflowClient(live_server.uri).list_artifacts(logger.run_id, "epoch=0-step=2")}
+    client = MlflowClient(live_server.uri)
+    logged = {item.path for item in client.list_artifacts(logger.run_id, "epoch=0-step=2")}
     assert logged == {f"epoch=0-step=2/{name}" for name in ("epoch=0-step=2.ckpt", "metadata.yaml", "aliases.txt")}
+    assert "optimize_loss/config.json" in {item.path for item in client.list_artifacts(logger.run_id, "optimize_loss")}
 
     assert mlflow_replay.main(command) == 0  # a second replay changes nothing and does not fail
     assert metric_history(MLFlowLogger(tracking_uri=live_server.store_uri, run_id=logger.run_id)) == history

@@ -1,0 +1,197 @@
+"""The example store in a real browser: the README's `mlflow ui` command and headless Chromium (Playwright).
+
+A person's path through the MLflow UI: the home page, the experiment's runs, one run's params, its Model metrics
+charts, and a PNG in its Artifacts view. The store is a copy in a temporary folder, served by the exact
+command of the README from the folder above it, so the test also shows that a clone elsewhere works.
+Screenshots go to tests/artifacts/mlflow_ui_*.png (git-ignored). ``make test-browser`` installs Chromium and
+runs this module; elsewhere it is skipped when Chromium or Playwright is missing (set
+``LIGHTNING_OPTLOSS_BROWSER=required`` to make that a failure).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from support import REPOSITORY
+
+from lightning_optloss import example
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+SCREENSHOTS = REPOSITORY / "tests" / "artifacts"
+RUN = "clip-1.0"
+# The machine's closed network refuses Chromium's background connections: every one of them is switched off.
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT_MS = 120_000  # two shared CPU cores: the first render of the UI takes a while
+
+
+def unavailable(reason: str) -> None:
+    if os.environ.get("LIGHTNING_OPTLOSS_BROWSER") == "required":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def chromium_path() -> str:
+    found = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found or not Path(found).exists():
+        unavailable("Chromium is not installed (make test-browser installs Debian's chromium)")
+    return str(found)
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui(tmp_path_factory):
+    """The README's `mlflow ui` command on a copy of mlruns_example, started from the folder above the copy."""
+    clone = tmp_path_factory.mktemp("clone")
+    shutil.copytree(REPOSITORY / "mlruns_example", clone / "mlruns_example")
+    port = example.free_port()
+    words = shlex.split(example.ui_command("mlruns_example", port))
+    assert words[:2] == ["mlflow", "ui"]
+    command = [sys.executable, "-m", *words, "--host", "127.0.0.1"]
+    with example.serve(command, port, cwd=clone, log=clone / "mlflow-ui.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    executable = chromium_path()
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError:
+        unavailable("Playwright for Python is not installed (it is in the dev extra)")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")),  # a fresh --user-data-dir
+            executable_path=executable,
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1600, "height": 1000},
+        )
+        context.set_default_timeout(TIMEOUT_MS)
+        expect.set_options(timeout=TIMEOUT_MS)
+        try:
+            yield context.new_page()
+        finally:
+            context.close()
+
+
+def screenshot(page, name: str) -> Path:
+    path = SCREENSHOTS / f"mlflow_ui_{name}.png"
+    page.screenshot(path=str(path))
+    return path
+
+
+def open_experiment(page, url: str) -> None:
+    """Home page → "Model training" → the example experiment's runs, as a person clicks."""
+    from playwright.sync_api import expect
+
+    page.goto(url)
+    page.get_by_role("link", name=example.EXPERIMENT).first.wait_for()
+    page.get_by_text("Model training", exact=True).first.click()
+    page.get_by_role("link", name=example.EXPERIMENT).first.click()
+    for run_name in example.RUN_NAMES:
+        expect(page.get_by_role("link", name=run_name, exact=True)).to_be_visible()
+    close_the_assistant(page)
+
+
+def close_the_assistant(page) -> None:
+    """The assistant panel (it opens a moment after the page, on the right) takes a third of the window; a person
+    closes it with its X."""
+    close = page.get_by_role("button", name="Close", exact=True)
+    for _ in range(20):  # at most ten seconds
+        buttons = [button for button in close.all() if button.is_visible()]
+        on_the_right = [b for b in buttons if (b.bounding_box() or {"x": 0})["x"] > 0.75 * page.viewport_size["width"]]
+        if on_the_right:
+            on_the_right[0].click()
+            return
+        page.wait_for_timeout(500)
+
+
+def open_run(page, url: str) -> None:
+    from playwright.sync_api import expect
+
+    open_experiment(page, url)
+    page.get_by_role("link", name=RUN, exact=True).click()
+    expect(page.get_by_role("heading", name=RUN)).to_be_visible()
+
+
+def test_the_experiment_page_lists_the_four_runs(page, mlflow_ui):
+    from playwright.sync_api import expect
+
+    open_experiment(page, mlflow_ui)
+    expect(page.get_by_text("4 matching runs")).to_be_visible()
+    screenshot(page, "experiment_runs")
+
+
+def test_a_run_shows_the_optimize_loss_params_tags_and_metric_charts(page, mlflow_ui):
+    from playwright.sync_api import expect
+
+    open_run(page, mlflow_ui)
+    expect(page.get_by_text("optimize_loss.strategy", exact=True)).to_be_visible()
+    parameters = page.get_by_placeholder("Search parameters")
+    parameters.fill("optimize_loss.")
+    parameters.evaluate("box => box.scrollIntoView({block: 'start'})")
+    for name, value in (("optimize_loss.clip_mode", "global_norm"), ("optimize_loss.optimizer", "TFAdam")):
+        row = page.get_by_role("row").filter(has=page.get_by_text(name, exact=True))
+        expect(row.first).to_be_visible()
+        expect(row.first).to_contain_text(value)
+    screenshot(page, "run_overview_params")
+    page.get_by_role("tab", name="Model metrics").click()
+    for section in ("OptimizeLoss", "OptimizeLoss/global_norm"):
+        expect(page.get_by_text(section, exact=False).first).to_be_visible()
+    for chart in ("loss", "learning_rate", "gradient_norm", "clipped_gradient_norm"):
+        expect(page.get_by_text(chart, exact=True).first).to_be_visible()
+    expect(page.get_by_text(f"{RUN} (OptimizeLoss/loss)").first).to_be_visible()  # a chart's legend
+    page.wait_for_timeout(1500)  # let the charts finish drawing before the picture
+    screenshot(page, "run_model_metrics")
+
+
+def test_the_artifact_view_shows_a_plot_as_an_image(page, mlflow_ui):
+    from playwright.sync_api import expect
+
+    open_run(page, mlflow_ui)
+    page.get_by_role("tab", name="Artifacts").click()
+    page.get_by_text("optimize_loss", exact=True).first.click()
+    page.get_by_text("plots", exact=True).first.click()
+    page.get_by_text("training_curves.png", exact=True).first.click()
+    image = page.locator("img[src^='blob:']").first
+    expect(image).to_be_visible()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
+    assert image.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [900, 850]  # the PNG itself
+    expect(page.get_by_text("optimize_loss/plots/training_curves.png").first).to_be_visible()
+    screenshot(page, "artifact_training_curves")
+    page.get_by_text("gradient_histograms.png", exact=True).first.click()
+    expect(page.get_by_text("optimize_loss/plots/gradient_histograms.png").first).to_be_visible()
+    page.wait_for_timeout(1500)
+    screenshot(page, "artifact_gradient_histograms")
+
+
+def test_the_experiments_chart_view_compares_the_runs_metrics(page, mlflow_ui):
+    from playwright.sync_api import expect
+
+    open_experiment(page, mlflow_ui)
+    page.locator("label:has(input[value='CHART'])").click()
+    search = page.get_by_placeholder("Search metric charts")
+    search.fill("global_norm/")
+    for run_name in example.RUN_NAMES:  # the legend of the global-norm chart: one line per run
+        legend = f"{run_name} (OptimizeLoss/global_norm/gradient_norm)"
+        expect(page.get_by_text(legend, exact=True).first).to_be_visible()
+    expect(
+        page.get_by_text("adaptive-clipping (OptimizeLoss/global_norm/adaptive_max_gradient_norm)").first
+    ).to_be_visible()
+    page.wait_for_timeout(1500)
+    screenshot(page, "experiment_charts")
