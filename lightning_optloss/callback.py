@@ -239,6 +239,9 @@ class OptimizeLoss(Callback):
             scheduler = config.scheduler
             if isinstance(scheduler, LearningRateDecay) and id(scheduler.optimizer) in self._by_optimizer:
                 scheduler.bind_global_step(self._global_step)
+        # Every rank computes the histograms (sharded ones need a collective); rank 0 keeps them.
+        mlflow = bool(mlflow_io.mlflow_loggers(trainer.loggers))
+        self._pipeline.histograms = self._logging and mlflow and "gradients" in self.summaries
         self._start_mlflow_records(trainer, params, multipliers)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -397,9 +400,8 @@ class OptimizeLoss(Callback):
         numbered = len(trainer.optimizers) > 1
         configuration.update(run_info.optimizer_configuration(optimizers, trainer.lr_scheduler_configs, numbered))
         run_info.log_run_configuration(trainer.loggers, configuration, run_info.run_tags(trainer), self.name)
-        if self._logging:
+        if self._pipeline.histograms:
             self._run_artifacts = artifacts.RunArtifacts(trainer.loggers, self.name)
-            self._pipeline.histograms = True
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._run_artifacts is not None:

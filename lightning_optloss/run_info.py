@@ -64,18 +64,21 @@ def describe_callable(fn: Any) -> str:
 
 
 def clip_mode(clip: Any) -> str:
-    """``none``, ``global_norm`` (a float), ``adaptive`` (:func:`adaptive_clipping_fn`) or ``callable``."""
+    """``none``, ``global_norm`` (a float), ``per_group`` (a dict of globs), ``adaptive``
+    (:func:`adaptive_clipping_fn`) or ``callable``."""
     if clip is None:
         return "none"
     if isinstance(clip, float):
         return "global_norm"
+    if isinstance(clip, dict):
+        return "per_group"
     return "adaptive" if isinstance(clip, AdaptiveClipping) else "callable"
 
 
 def callback_configuration(
     *,
     name: str,
-    gradient_noise_scale: float | None,
+    gradient_noise_scale: float | Callable[[int], float] | None,
     multipliers: Mapping[str, float],
     clip_gradients: Any,
     variables: Sequence[str] | None,
@@ -87,10 +90,10 @@ def callback_configuration(
     histogram_bins: int,
 ) -> dict[str, Any]:
     """The callback's arguments as resolved at fit start (parameter names, the seed drawn), unprefixed."""
-    plain_clip = clip_gradients is None or isinstance(clip_gradients, float)
+    plain_clip = clip_gradients is None or isinstance(clip_gradients, (float, dict))
     return {
         "name": name,
-        "gradient_noise_scale": gradient_noise_scale,
+        "gradient_noise_scale": _plain(gradient_noise_scale),
         "gradient_multipliers": dict(multipliers) or None,
         "clip_mode": clip_mode(clip_gradients),
         "clip_gradients": clip_gradients if plain_clip else describe_callable(clip_gradients),

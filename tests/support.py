@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -127,3 +129,18 @@ def subprocess_environment(**extra: str) -> dict[str, str]:
     environment = dict(os.environ, **extra)
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPOSITORY), environment.get("PYTHONPATH")]))
     return environment
+
+
+def run_process_group(command: list[str], timeout: float, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` in a new session; on timeout kill the whole group (torchrun's workers too) and fail."""
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired as timed_out:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            message = f"{command[:4]} ran past {timeout} s (a hang?)\n{stdout[-2000:]}\n{stderr[-4000:]}"
+            raise AssertionError(message) from timed_out
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 from mlflow import MlflowClient
+from support import run_process_group
 
 pytestmark = pytest.mark.distributed
 
@@ -47,20 +47,14 @@ def run(strategy: str, features: dict[str, Any], out: Path, steps: int = 6, **ex
     if strategy in ("ddp", "fsdp2"):
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(
-        [*launcher, str(SCRIPT), json.dumps(config), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = run_process_group([*launcher, str(SCRIPT), json.dumps(config), str(out)], timeout=300, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     ranks = 1 if strategy == "single" else 2
     return {
         "weights": [torch.load(out / f"weights_rank{rank}.pt") for rank in range(ranks)],
         "states": [torch.load(out / f"state_rank{rank}.pt") for rank in range(ranks)],
         "metrics": json.loads((out / "metrics.json").read_text()),
+        "histograms": [json.loads(line) for line in (out / "histograms" / "gradients.jsonl").read_text().splitlines()],
         "output": done.stdout + done.stderr,
     }
 
@@ -72,6 +66,12 @@ def assert_same_run(reference: dict[str, Any], result: dict[str, Any]) -> None:
     for name, value in reference["weights"][0].items():
         torch.testing.assert_close(result["weights"][0][name], value, rtol=RTOL, atol=1e-7)
     assert {state["global_step"] for state in result["states"]} == {reference["states"][0]["global_step"]}
+    for ours, theirs in zip(result["histograms"], reference["histograms"], strict=True):
+        assert (ours["step"], ours["param"]) == (theirs["step"], theirs["param"])
+        assert sum(ours["counts"]) == sum(theirs["counts"])  # every element of the full gradient is counted
+        torch.testing.assert_close(torch.tensor(ours["edges"]), torch.tensor(theirs["edges"]), rtol=1e-4, atol=1e-6)
+        # An element within rounding of an edge may fall in the neighbouring bin.
+        assert sum(abs(a - b) for a, b in zip(ours["counts"], theirs["counts"], strict=True)) <= 2
     expected, actual = reference["metrics"], result["metrics"]
     assert set(actual) == set(expected)
     for key, steps in expected.items():

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from support import run_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -34,7 +35,7 @@ def test_recipe_trains_on_two_cpu_processes_and_logs_to_mlflow(config, run_name,
         "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.tracking_uri={tracking_uri}",
     ]
-    done = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300, check=False)
+    done = run_process_group(command, timeout=300, cwd=REPO, env=environment)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])

@@ -103,6 +103,9 @@ class SaveResults(pl.Callback):
         torch.save(optimize_loss.state_dict(), self.out / f"state_rank{rank}.pt")
         if rank == 0:
             (self.out / "metrics.json").write_text(json.dumps(metric_values(trainer.logger)))
+            # OptimizeLoss, before this callback in the list, has uploaded its histograms in its on_fit_end.
+            logger = trainer.logger
+            logger.experiment.download_artifacts(logger.run_id, "optimize_loss/histograms", str(self.out))
 
 
 def main(config: dict[str, Any], out: Path) -> None:
