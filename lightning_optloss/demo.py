@@ -4,6 +4,10 @@ A small convolutional network learns scikit-learn's bundled 8x8 digits (no downl
 exponential learning-rate decay, global-norm clipping, gradient noise and all five TF summaries, logged to
 an embedded sqlite MLflow store. At the end it prints the accuracy and the ``mlflow ui`` command that shows
 the run. ``make demo`` runs it.
+
+Flags show the tools that came after TF: ``--clip adaptive|agc|autoclip|"features.*=1.0,classifier.*=0.5"``
+(TF's adaptive clipping, unit-wise AGC, AutoClip, per-group clipping), ``--noise annealed`` (Neelakantan et
+al.'s annealed noise) and ``--warmup 200`` (linear warmup before the decay).
 """
 
 from __future__ import annotations
@@ -22,13 +26,25 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_optloss import OPTIMIZER_SUMMARIES, MLFlowLogger, OptimizeLoss, configure_optimizers, decay
+from lightning_optloss import (
+    OPTIMIZER_SUMMARIES,
+    MLFlowLogger,
+    OptimizeLoss,
+    adaptive_clipping_fn,
+    agc_clipping_fn,
+    annealed_noise_scale,
+    autoclip_fn,
+    configure_optimizers,
+    decay,
+)
 
 
 class DigitsClassifier(pl.LightningModule):
     """Two convolutions and a linear layer over 8x8 grey images, ten classes."""
 
-    def __init__(self, learning_rate: float = 0.003, decay_steps: int = 1500, decay_rate: float = 0.5) -> None:
+    def __init__(
+        self, learning_rate: float = 0.003, decay_steps: int = 1500, decay_rate: float = 0.5, warmup_steps: int = 0
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.features = nn.Sequential(
@@ -63,6 +79,8 @@ class DigitsClassifier(pl.LightningModule):
         schedule = functools.partial(
             decay.exponential_decay, decay_steps=self.hparams.decay_steps, decay_rate=self.hparams.decay_rate
         )
+        if self.hparams.warmup_steps:
+            schedule = decay.linear_warmup(schedule, self.hparams.warmup_steps)
         return configure_optimizers(self, "Adam", self.hparams.learning_rate, schedule)
 
 
@@ -84,7 +102,35 @@ def digits_loaders(batch_size: int = 32, seed: int = 0) -> tuple[DataLoader, Dat
     return train_loader, val_loader
 
 
-def run(store: Path, epochs: int, clip: float, noise: float, log_every_n_steps: int, seed: int = 0) -> dict[str, Any]:
+def clip_from(text: str) -> Any:
+    """``--clip``: a number (0: off), ``adaptive``, ``agc``, ``autoclip``, or ``glob=value,...`` per group."""
+    tools = {
+        "adaptive": lambda: adaptive_clipping_fn(global_step=True, report_summary=True),
+        "agc": lambda: agc_clipping_fn(clip_factor=0.02, exclude="classifier.3.*"),  # the paper spares the head
+        "autoclip": lambda: autoclip_fn(percentile=10),
+    }
+    if text in tools:
+        return tools[text]()
+    if "=" in text:
+        groups = dict(item.split("=", 1) for item in text.split(","))
+        return {glob.strip(): float(value) for glob, value in groups.items()}
+    return float(text) or None
+
+
+def noise_from(text: str) -> Any:
+    """``--noise``: a scale (0: off) or ``annealed`` (sigma_t^2 = 0.01 / (1 + t)^0.55)."""
+    return annealed_noise_scale(eta=0.01) if text == "annealed" else (float(text) or None)
+
+
+def run(
+    store: Path,
+    epochs: int,
+    clip: str,
+    noise: str,
+    log_every_n_steps: int,
+    seed: int = 0,
+    warmup: int = 0,
+) -> dict[str, Any]:
     """Train, log to the sqlite store in ``store``; return the run id, accuracy, steps and seconds."""
     pl.seed_everything(seed, verbose=False)
     store.mkdir(parents=True, exist_ok=True)
@@ -93,11 +139,11 @@ def run(store: Path, epochs: int, clip: float, noise: float, log_every_n_steps: 
         experiment_name="lightning_optloss-demo",
         tracking_uri=tracking_uri,
         artifact_location=(store / "artifacts").resolve().as_uri(),
-        run_name=f"adam-decay-clip{clip}-noise{noise}",
+        run_name=f"adam-decay-clip{clip}-noise{noise}" + (f"-warmup{warmup}" if warmup else ""),
     )
     optimize_loss = OptimizeLoss(
-        gradient_noise_scale=noise or None,
-        clip_gradients=clip or None,
+        gradient_noise_scale=noise_from(noise),
+        clip_gradients=clip_from(clip),
         summaries=OPTIMIZER_SUMMARIES,
         seed=seed,
     )
@@ -112,7 +158,7 @@ def run(store: Path, epochs: int, clip: float, noise: float, log_every_n_steps: 
     )
     train_loader, val_loader = digits_loaders(seed=seed)
     started = time.perf_counter()
-    trainer.fit(DigitsClassifier(), train_loader, val_loader)
+    trainer.fit(DigitsClassifier(warmup_steps=warmup), train_loader, val_loader)
     return {
         "run_id": logger.run_id,
         "tracking_uri": tracking_uri,
@@ -126,13 +172,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m lightning_optloss.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, default=Path("demo_mlruns"), help="folder of the sqlite store")
     parser.add_argument("--epochs", type=int, default=100, help="about 0.4 s each on a laptop CPU")
-    parser.add_argument("--clip", type=float, default=1.0, help="global-norm clip value (0: off)")
-    parser.add_argument("--noise", type=float, default=0.001, help="gradient noise scale (0: off)")
+    parser.add_argument("--clip", default="1.0", help=clip_from.__doc__.split(": ", 1)[1])
+    parser.add_argument("--noise", default="0.001", help=noise_from.__doc__.split(": ", 1)[1])
+    parser.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warmup (0: none)")
     parser.add_argument("--log-every-n-steps", type=int, default=10)
     args = parser.parse_args(argv)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    result = run(args.store, args.epochs, args.clip, args.noise, args.log_every_n_steps)
+    result = run(args.store, args.epochs, args.clip, args.noise, args.log_every_n_steps, warmup=args.warmup)
     print(
         f"\nTrained {result['global_step']} steps in {result['seconds']:.0f} s; "
         f"validation accuracy {result['val_accuracy']:.3f}.\n"
