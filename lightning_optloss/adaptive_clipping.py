@@ -80,11 +80,9 @@ class AdaptiveClipping:
         global_norm: Tensor | None = None,
     ) -> GradsAndVars:
         pairs = list(grads_and_vars)
-        grads = [grad for grad, _ in pairs if grad is not None]
-        if not grads:
-            return pairs
+        grads, global_norm = transforms.present_gradients(pairs, global_norm)
         if global_norm is None:
-            global_norm = transforms.global_norm(transforms.parameter_norms(grads))
+            return pairs
         norm = global_norm.to(torch.float32)
         factor = self._update(norm, self.one_minus_decay(global_step))
         torch._foreach_mul_(grads, factor)

@@ -60,11 +60,9 @@ class AutoClipping:
         self, grads_and_vars: Sequence[tuple[Tensor | None, Tensor]], global_norm: Tensor | None = None
     ) -> GradsAndVars:
         pairs = list(grads_and_vars)
-        grads = [grad for grad, _ in pairs if grad is not None]
-        if not grads:
-            return pairs
+        grads, global_norm = transforms.present_gradients(pairs, global_norm)
         if global_norm is None:
-            global_norm = transforms.global_norm(transforms.parameter_norms(grads))
+            return pairs
         with torch.no_grad():
             norm = global_norm.detach().to(torch.float32)
             threshold = self.append_and_threshold(norm)

@@ -67,6 +67,20 @@ def global_norm(norms: Tensor) -> Tensor:
     return torch.linalg.vector_norm(norms)
 
 
+def present_gradients(
+    grads_and_vars: Sequence[tuple[Tensor | None, Tensor]], norm: Tensor | None
+) -> tuple[list[Tensor], Tensor | None]:
+    """For a clip callable: the gradients that are not None, and their global norm (``norm`` when given).
+
+    The norm is None when there is no gradient; a given ``norm`` (OptimizeLoss's, reduced over shards) is used
+    as is, otherwise it is computed from the gradients.
+    """
+    grads = [grad for grad, _ in grads_and_vars if grad is not None]
+    if grads and norm is None:
+        norm = global_norm(parameter_norms(grads))
+    return grads, (norm if grads else None)
+
+
 def clip_by_global_norm_(grads: Sequence[Tensor], clip_norm: float, norm: Tensor) -> Tensor:
     """Scale ``grads`` in place by ``clip_norm / max(norm, clip_norm)``; return that factor (0-d tensor).
 

@@ -63,6 +63,20 @@ class TinyRegression(pl.LightningModule):
         )
 
 
+class LossScaledAt(TinyRegression):
+    """TinyRegression whose loss is multiplied by ``factor`` at the batches in ``batches`` (inf: non-finite
+    gradients; 1e30: float16 gradients overflow)."""
+
+    def __init__(self, batches: set[int], factor: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.scaled_batches = set(batches)
+        self.factor = factor
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * self.factor if batch_idx in self.scaled_batches else loss
+
+
 def regression_data(steps: int, batch_size: int = 8, seed: int = 1, scale: float = 5.0) -> DataLoader:
     """The first ``steps`` batches of a fixed sequence, targets large enough that gradient norms exceed 1.
 

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from mlflow import MlflowClient
-from support import TinyRegression, make_trainer, metric_history, regression_data
+from support import LossScaledAt, TinyRegression, make_trainer, metric_history, regression_data
 
 from lightning_optloss import OPTIMIZER_SUMMARIES, OptimizeLoss, adaptive_clipping_fn, add_transfer_hook, decay
 
@@ -289,37 +289,29 @@ def test_resume_from_a_checkpoint_continues_bit_identically(tmp_path):
     assert torch.equal(resumed_callback.clip_gradients.mean, full_callback.clip_gradients.mean)
 
 
-class NonFiniteAt(TinyRegression):
-    """The loss, hence every gradient, is infinite at the batches in ``bad_batches``."""
-
-    def __init__(self, bad_batches, **kwargs):
-        super().__init__(**kwargs)
-        self.bad_batches = set(bad_batches)
-
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        return loss * math.inf if batch_idx in self.bad_batches else loss
-
-
 def test_nonfinite_gradients_warn_by_default_naming_the_step_and_parameters(mlflow_logger):
     callback = OptimizeLoss()
     # Once the weights are NaN every later gradient is too: four steps, the first at global step 2.
     with pytest.warns(UserWarning, match=r"in 4 optimizer step\(s\), the first at global step 2 in 'w1', 'b1'"):
-        model, _ = fit([callback], steps=6, model=NonFiniteAt({2, 3}), logger=mlflow_logger, log_every_n_steps=5)
+        model, _ = fit(
+            [callback], steps=6, model=LossScaledAt({2, 3}, math.inf), logger=mlflow_logger, log_every_n_steps=5
+        )
     assert callback.global_step == 6  # TF's behaviour: the updates were applied
     assert not torch.isfinite(model.w1).all()
 
 
 def test_nonfinite_warning_without_logger_comes_at_the_end_of_fit():
     with pytest.warns(UserWarning, match="'w1', 'b1', 'w2', 'b2'"):
-        fit([OptimizeLoss()], steps=3, model=NonFiniteAt({1}))
+        fit([OptimizeLoss()], steps=3, model=LossScaledAt({1}, math.inf))
 
 
 def test_nonfinite_gradients_skip_the_step_and_keep_the_global_step():
     schedule = functools.partial(decay.exponential_decay, decay_steps=1, decay_rate=0.5)
     skipping = OptimizeLoss(on_nonfinite="skip", clip_gradients=adaptive_clipping_fn(global_step=True))
     with pytest.warns(UserWarning, match="skipped the optimizer step at global step 2"):
-        skipped, trainer = fit([skipping], steps=5, model=NonFiniteAt({2}, optimizer="SGD", decay_fn=schedule))
+        skipped, trainer = fit(
+            [skipping], steps=5, model=LossScaledAt({2}, math.inf, optimizer="SGD", decay_fn=schedule)
+        )
     assert trainer.global_step == 5 and skipping.global_step == 4
     assert all(torch.isfinite(p).all() for p in skipped.parameters())
     assert math.isfinite(float(skipping.clip_gradients.mean))
@@ -335,7 +327,7 @@ def test_nonfinite_gradients_skip_the_step_and_keep_the_global_step():
 
 def test_nonfinite_gradients_raise_when_asked():
     with pytest.raises(FloatingPointError, match="non-finite gradients at global step 1"):
-        fit([OptimizeLoss(on_nonfinite="raise")], steps=3, model=NonFiniteAt({1}))
+        fit([OptimizeLoss(on_nonfinite="raise")], steps=3, model=LossScaledAt({1}, math.inf))
 
 
 def test_noise_scale_can_follow_the_global_step():

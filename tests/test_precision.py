@@ -14,21 +14,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
-from support import TinyRegression, make_trainer, metric_history, regression_data
+from support import LossScaledAt, TinyRegression, make_trainer, metric_history, regression_data
 
 from lightning_optloss import OPTIMIZER_SUMMARIES, OptimizeLoss, adaptive_clipping_fn, decay
-
-
-class OverflowAt(TinyRegression):
-    """Multiplies the loss by 1e30 at the given batches: the float16 gradients overflow."""
-
-    def __init__(self, batches, **kwargs):
-        super().__init__(**kwargs)
-        self.overflow = set(batches)
-
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        return loss * 1e30 if batch_idx in self.overflow else loss
 
 
 class Observe(pl.Callback):
@@ -54,7 +42,7 @@ def test_amp_overflow_skips_leave_global_step_rate_and_adaptive_statistics_alone
     clip = adaptive_clipping_fn(global_step=True)
     callback = OptimizeLoss(clip_gradients=clip)
     observe = Observe()
-    model = OverflowAt({2}, optimizer="SGD", learning_rate=0.1, decay_fn=schedule)
+    model = LossScaledAt({2}, 1e30, optimizer="SGD", learning_rate=0.1, decay_fn=schedule)  # float16 overflows
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no non-finite warning: skipping is the scaler's business
         warnings.filterwarnings("ignore", ".*(LeafSpec|does not have many workers|litlogger).*")
