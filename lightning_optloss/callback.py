@@ -214,24 +214,21 @@ class OptimizeLoss(Callback):
         names = [entry.name for entry in params]
         keys = metric_keys(_OWNER, names)
         by_optimizer = _params_by_optimizer(trainer.optimizers, params)
-        clip_groups = None
-        if isinstance(self.clip_gradients, dict):
-            group_of = transforms.resolve_clip_groups(_OWNER, self.clip_gradients, names)
-            clip_groups = {entry.index: group for entry, group in zip(params, group_of, strict=True)}
-        elif hasattr(self.clip_gradients, "validate_names"):
-            self.clip_gradients.validate_names(names)
         noise = transforms.GradientNoise(self._resolved_seed) if self.gradient_noise_scale is not None else None
+        # Every rank computes the histograms (sharded ones need a collective); rank 0 keeps them.
+        histograms = self._logging and "gradients" in self.summaries and bool(mlflow_io.mlflow_loggers(trainer.loggers))
         self._pipeline = GradientPipeline(
             name=self.name,
             noise=noise,
             noise_scale=self.gradient_noise_scale,
             multipliers=multipliers,
             clip=self.clip_gradients,
-            clip_groups=clip_groups,
+            clip_groups=self._resolve_clip(params),
             summaries=self.summaries,
             access=self._access,
             metric_keys={entry.index: key for entry, key in zip(params, keys, strict=True)},
             on_nonfinite=self.on_nonfinite,
+            histograms=histograms,
         )
         self._by_optimizer = {id(optimizer): entries for optimizer, entries in by_optimizer}
         self._hooks = [optimizer.register_step_post_hook(self._after_optimizer_step) for optimizer, _ in by_optimizer]
@@ -239,10 +236,17 @@ class OptimizeLoss(Callback):
             scheduler = config.scheduler
             if isinstance(scheduler, LearningRateDecay) and id(scheduler.optimizer) in self._by_optimizer:
                 scheduler.bind_global_step(self._global_step)
-        # Every rank computes the histograms (sharded ones need a collective); rank 0 keeps them.
-        mlflow = bool(mlflow_io.mlflow_loggers(trainer.loggers))
-        self._pipeline.histograms = self._logging and mlflow and "gradients" in self.summaries
         self._start_mlflow_records(trainer, params, multipliers)
+
+    def _resolve_clip(self, params: list[NamedParameter]) -> dict[int, int] | None:
+        """Per-group clipping: ``{parameter index: group}``; a callable's ``exclude`` globs checked by name."""
+        names = [entry.name for entry in params]
+        if isinstance(self.clip_gradients, dict):
+            group_of = transforms.resolve_clip_groups(_OWNER, self.clip_gradients, names)
+            return {entry.index: group for entry, group in zip(params, group_of, strict=True)}
+        if hasattr(self.clip_gradients, "validate_names"):
+            self.clip_gradients.validate_names(names)
+        return None
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release()
@@ -400,7 +404,7 @@ class OptimizeLoss(Callback):
         numbered = len(trainer.optimizers) > 1
         configuration.update(run_info.optimizer_configuration(optimizers, trainer.lr_scheduler_configs, numbered))
         run_info.log_run_configuration(trainer.loggers, configuration, run_info.run_tags(trainer), self.name)
-        if self._pipeline.histograms:
+        if self._logging:  # the plots of the logged summaries, and the histograms when there are any
             self._run_artifacts = artifacts.RunArtifacts(trainer.loggers, self.name)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

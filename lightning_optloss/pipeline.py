@@ -114,6 +114,7 @@ class GradientPipeline:
         access: How the strategy holds gradients.
         metric_keys: ``{parameter index: metric-safe parameter name}``.
         on_nonfinite: ``"warn"``, ``"skip"`` or ``"raise"``.
+        histograms: Whether logged steps with the ``gradients`` summary also carry gradient histograms.
     """
 
     def __init__(
@@ -129,6 +130,7 @@ class GradientPipeline:
         access: GradientAccess,
         metric_keys: dict[int, str],
         on_nonfinite: str,
+        histograms: bool = False,
     ) -> None:
         self.name = name
         self.noise = noise
@@ -144,7 +146,7 @@ class GradientPipeline:
         self.on_nonfinite = on_nonfinite
         self.clip_keywords = [k for k in CLIP_KEYWORDS if callable(clip) and validation.accepts_keyword(clip, k)]
         self.global_norms_logged = "global_gradient_norm" in self.summaries or "gradient_norm" in self.summaries
-        self.histograms = False  # set when the run keeps histogram artifacts (the "gradients" summary)
+        self.histograms = histograms
 
     def gather(self, entries: list[NamedParameter]) -> StepGradients:
         """The gradients of ``entries`` that exist, as local tensors, or an error if none does."""
