@@ -214,7 +214,10 @@ class OptimizeLoss(Callback):
         names = [entry.name for entry in params]
         keys = metric_keys(_OWNER, names)
         by_optimizer = _params_by_optimizer(trainer.optimizers, params)
-        noise = transforms.GradientNoise(self._resolved_seed) if self.gradient_noise_scale is not None else None
+        noise = None
+        if self.gradient_noise_scale is not None:
+            sizes = {entry.index: entry.param.numel() for entry in params}  # whole parameters, also when sharded
+            noise = transforms.GradientNoise(self._resolved_seed, sizes)
         # Every rank computes the histograms (sharded ones need a collective); rank 0 keeps them.
         histograms = self._logging and "gradients" in self.summaries and bool(mlflow_io.mlflow_loggers(trainer.loggers))
         self._pipeline = GradientPipeline(

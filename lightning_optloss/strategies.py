@@ -19,6 +19,7 @@ data-parallel replicas.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -69,6 +70,21 @@ class ShardLayout:
             index = self.coordinate[mesh_dim]
             part = chunks[index] if index < len(chunks) else part.narrow(tensor_dim, 0, 0)
         return part
+
+    def flat_range(self) -> tuple[int, int] | None:
+        """``(start, stop)`` of this shard in the flattened full parameter, None unless it is one range.
+
+        A shard is one range when the parameter is sharded on its first dimension over one mesh dimension
+        (FSDP2's ``Shard(0)``): rows ``[i * ceil(n / k), (i + 1) * ceil(n / k))``, cut at ``n``.
+        """
+        if len(self.mesh_dims) != 1 or self.mesh_dims[0][1] != 0 or not self.full_shape:
+            return None
+        mesh_dim = self.mesh_dims[0][0]
+        rows, parts = self.full_shape[0], self.mesh_sizes[mesh_dim]
+        per_part = -(-rows // parts)
+        row_size = math.prod(self.full_shape[1:])
+        first = min(rows, self.coordinate[mesh_dim] * per_part)
+        return first * row_size, min(rows, first + per_part) * row_size
 
 
 class GradientAccess:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,6 +35,8 @@ AllReduceSum = Callable[[Tensor], Tensor]
 _TRUNCATION = 2.0  # standard deviations, as tf.random.truncated_normal
 _TRUNCATED_STD = 0.8796256610342398  # std of a standard normal truncated at ±2
 _MASK64 = (1 << 64) - 1
+_CPU_CHUNK = 1 << 18
+_ACCELERATOR_CHUNK = 1 << 22
 
 
 def _norm_dtype(grads: Sequence[Tensor]) -> torch.dtype:
@@ -47,6 +51,9 @@ def parameter_norms(grads: Sequence[Tensor], all_reduce_sum: AllReduceSum | None
     """
     dtype = _norm_dtype(grads)
     device = grads[0].device
+    if all(grad.dtype == dtype and grad.device == device for grad in grads):  # the common case: one kernel
+        stacked = torch.stack(torch._foreach_norm(list(grads), 2))
+        return stacked if all_reduce_sum is None else all_reduce_sum(stacked.square()).sqrt()
     norms: list[Tensor | None] = [None] * len(grads)
     by_dtype: dict[torch.dtype, list[int]] = {}
     for position, grad in enumerate(grads):
@@ -86,11 +93,14 @@ def clip_by_global_norm_(grads: Sequence[Tensor], clip_norm: float, norm: Tensor
 
     Written as TF writes it (``clip_norm * min(1 / norm, 1 / clip_norm)``, plus ``norm - norm``), so a
     non-finite global norm makes every gradient NaN, as ``tf.clip_by_global_norm`` does, instead of zeroing
-    the finite ones as ``torch.nn.utils.clip_grad_norm_`` does.
+    the finite ones as ``torch.nn.utils.clip_grad_norm_`` does. On the CPU, where reading the factor waits
+    for nothing, a factor of exactly 1 skips the multiplication, which would change no gradient; on
+    accelerators the multiplication always runs, so that nothing synchronises with the host.
     """
     inverse_clip = float(np.float32(1.0) / np.float32(clip_norm))
     factor = clip_norm * torch.clamp(norm.reciprocal(), max=inverse_clip) + (norm - norm)
-    torch._foreach_mul_(list(grads), factor)
+    if factor.device.type != "cpu" or float(factor) != 1.0:
+        torch._foreach_mul_(list(grads), factor)
     return factor
 
 
@@ -148,9 +158,9 @@ def _splitmix64(value: int) -> int:
     return value ^ (value >> 31)
 
 
-def noise_seed(seed: int, step: int, index: int) -> int:
-    """A 63-bit generator seed from (seed, global step, parameter index), the same in every process."""
-    return _splitmix64(_splitmix64(_splitmix64(seed) ^ step) ^ index) >> 1
+def noise_seed(seed: int, step: int, chunk: int) -> int:
+    """A 63-bit generator seed from (seed, global step, noise chunk), the same in every process."""
+    return _splitmix64(_splitmix64(_splitmix64(seed) ^ step) ^ chunk) >> 1
 
 
 def truncated_normal(shape: Sequence[int], generator: torch.Generator, device: torch.device) -> Tensor:
@@ -188,30 +198,67 @@ def truncated_normal_by_inverse_cdf(shape: Sequence[int], generator: torch.Gener
 class GradientNoise:
     """TF's gradient noise, ``g += truncated_normal(shape) * scale``, seeded so replicas agree.
 
-    The noise added to parameter ``index`` at global step ``step`` is drawn from a generator seeded with
-    :func:`noise_seed` ``(seed, step, index)``, so every data-parallel replica adds the same noise (TF drew
-    unseeded noise per replica, and replicas drifted apart), a resumed run adds the noise the uninterrupted
-    run would have, and noise never depends on the order in which parameters are visited. A sharded gradient
-    gets its slice of the full parameter's noise, so results do not depend on the world size. Peak extra
-    memory is the largest parameter's noise.
+    The noise of a step is defined over the concatenation of the processed parameters, each flattened whole
+    (full shape also when sharded), in index order. That sequence is cut into chunks of :meth:`chunk_size`
+    numbers, and chunk ``c`` at global step ``step`` is drawn from a generator seeded with
+    :func:`noise_seed` ``(seed, step, c)``. So every data-parallel replica adds the same noise (TF drew unseeded
+    noise per replica, and replicas drifted apart), a resumed run adds the noise the uninterrupted run would
+    have, and a shard of a parameter gets exactly its slice of the full parameter's noise (only the chunks it
+    overlaps are drawn), so results do not depend on the world size. Small tensors share chunks (one generator
+    call for many of them) and large ones span several, which on a CPU are drawn on a thread per core.
+
+    Extra memory: one chunk per worker thread (1 MiB each on a CPU, 16 MiB on an accelerator), or the largest
+    parameter's noise for a shard that is not a contiguous range of its parameter (tensor parallelism on a
+    dimension other than 0).
 
     Args:
         seed: Any integer in ``[0, 2**63)``.
+        sizes: ``{parameter index: number of elements of the whole parameter}`` for every parameter that may
+            receive noise. Noise for a parameter depends on the sizes of the parameters before it.
     """
 
     truncated_std = _TRUNCATED_STD
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, sizes: Mapping[int, int]) -> None:
         self.seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self.sizes = dict(sizes)
+        self.offsets: dict[int, int] = {}
+        total = 0
+        for index in sorted(self.sizes):
+            self.offsets[index] = total
+            total += self.sizes[index]
+        self.total = total
+        self._local = threading.local()
+        self._pool: ThreadPoolExecutor | None = None
 
-    def sample(self, shape: Sequence[int], step: int, index: int, device: torch.device) -> Tensor:
-        """The unscaled float32 noise of parameter ``index`` at ``step``."""
-        generator = self._generators.get(device)
+    @staticmethod
+    def chunk_size(device: torch.device) -> int:
+        """Numbers per generator seed: 2**18 on a CPU, 2**22 on accelerators (fewer kernel launches)."""
+        return _CPU_CHUNK if device.type == "cpu" else _ACCELERATOR_CHUNK
+
+    def chunk(self, step: int, chunk: int, device: torch.device) -> Tensor:
+        """The unscaled float32 noise of chunk ``chunk`` at ``step`` (the last chunk may be shorter)."""
+        size = self.chunk_size(device)
+        length = min(size, self.total - chunk * size)
+        generators = getattr(self._local, "generators", None)
+        if generators is None:
+            generators = self._local.generators = {}
+        generator = generators.get(device)
         if generator is None:
-            generator = self._generators[device] = torch.Generator(device=device)
-        generator.manual_seed(noise_seed(self.seed, step, index))
-        return truncated_normal(shape, generator, device)
+            generator = generators[device] = torch.Generator(device=device)
+        generator.manual_seed(noise_seed(self.seed, step, chunk))
+        return truncated_normal((length,), generator, device)
+
+    def sample(self, index: int, step: int, device: torch.device, start: int = 0, stop: int | None = None) -> Tensor:
+        """The unscaled noise of elements ``[start, stop)`` of parameter ``index`` (flattened) at ``step``."""
+        stop = self.sizes[index] if stop is None else stop
+        first, last = self.offsets[index] + start, self.offsets[index] + stop
+        size = self.chunk_size(device)
+        parts = [
+            self.chunk(step, c, device)[max(first, c * size) - c * size : min(last, (c + 1) * size) - c * size]
+            for c in range(first // size, -(-last // size))
+        ]
+        return torch.cat(parts) if len(parts) != 1 else parts[0]
 
     def add_(
         self,
@@ -221,20 +268,51 @@ class GradientNoise:
         scale: float,
         layouts: Sequence[ShardLayout | None] | None = None,
     ) -> None:
-        """Add ``scale`` times the noise of ``indices[i]`` at ``step`` to ``grads[i]`` in place.
+        """Add ``scale`` times the noise of parameter ``indices[i]`` at ``step`` to ``grads[i]`` in place.
 
         ``layouts[i]``, when given and not None, says where the shard ``grads[i]`` sits in its parameter.
         """
         layouts = layouts or [None] * len(grads)
+        pieces: dict[tuple[torch.device, int], list[tuple[int, int, Tensor]]] = {}
         for grad, index, layout in zip(grads, indices, layouts, strict=True):
-            if layout is None:
-                noise = self.sample(grad.shape, step, index, grad.device)
-            else:
-                noise = layout.local_part(self.sample(layout.full_shape, step, index, grad.device))
-            grad.add_(noise, alpha=scale)
+            span = (0, self.sizes[index]) if layout is None else layout.flat_range()
+            if span is not None and span[0] == span[1]:
+                continue  # an empty shard
+            if span is None or not grad.is_contiguous():
+                full = self.sample(index, step, grad.device).view(layout.full_shape if layout else grad.shape)
+                grad.add_(layout.local_part(full) if layout else full, alpha=scale)
+                continue
+            size = self.chunk_size(grad.device)
+            first, last = self.offsets[index] + span[0], self.offsets[index] + span[1]
+            flat = grad.view(-1)
+            for c in range(first // size, -(-last // size)):
+                low, high = max(first, c * size), min(last, (c + 1) * size)
+                target = flat[low - first : high - first]
+                pieces.setdefault((grad.device, c), []).append((low - c * size, high - c * size, target))
+        work = [(device, c, chunk_pieces) for (device, c), chunk_pieces in pieces.items()]
+        if len(work) > 1 and work[0][0].type == "cpu" and torch.get_num_threads() > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="gradient-noise")
+            for future in [self._pool.submit(self._add_chunk, step, scale, *item) for item in work]:
+                future.result()
+        else:
+            for item in work:
+                self._add_chunk(step, scale, *item)
+
+    def _add_chunk(
+        self, step: int, scale: float, device: torch.device, chunk: int, pieces: list[tuple[int, int, Tensor]]
+    ) -> None:
+        noise = self.chunk(step, chunk, device)
+        torch._foreach_add_([target for _, _, target in pieces], [noise[a:b] for a, b, _ in pieces], alpha=scale)
 
     def __getstate__(self) -> dict[str, object]:
-        return {"seed": self.seed, "_generators": {}}  # generators do not pickle; they are re-made
+        # Generators, thread-local storage and threads do not pickle; they are re-made.
+        return {key: value for key, value in self.__dict__.items() if key not in ("_local", "_pool")}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+        self._pool = None
 
 
 def clip_groups_by_global_norm_(

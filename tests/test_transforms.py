@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lightning_optloss import transforms
+from lightning_optloss.strategies import ShardLayout
 
 
 def _grads(seed: int = 0, scale: float = 1.0) -> list[torch.Tensor]:
@@ -129,8 +130,8 @@ def test_moments_of_shards_combine_to_the_moments_of_the_whole():
     torch.testing.assert_close(combined, transforms.local_moments([whole], torch.float64))
 
 
-def test_noise_seed_depends_on_seed_step_and_index_and_fits_63_bits():
-    seeds = {transforms.noise_seed(s, t, i) for s in range(3) for t in range(3) for i in range(3)}
+def test_noise_seed_depends_on_seed_step_and_chunk_and_fits_63_bits():
+    seeds = {transforms.noise_seed(s, t, c) for s in range(3) for t in range(3) for c in range(3)}
     assert len(seeds) == 27
     assert all(0 <= seed < 2**63 for seed in seeds)
     assert transforms.noise_seed(7, 100, 3) == transforms.noise_seed(7, 100, 3)
@@ -148,23 +149,86 @@ def test_truncated_normal_is_cut_at_two_with_std_0_88(draw):
     assert float((sample.abs() <= 1.0).float().mean()) == pytest.approx(0.6827 / 0.9545, rel=0.01)
 
 
+CPU = torch.device("cpu")
+
+
 def test_gradient_noise_is_reproducible_per_step_and_parameter():
-    noise = transforms.GradientNoise(seed=3)
-    first = noise.sample((4, 5), step=7, index=2, device=torch.device("cpu"))
-    again = transforms.GradientNoise(seed=3).sample((4, 5), step=7, index=2, device=torch.device("cpu"))
+    sizes = {2: 20, 3: 20}
+    first = transforms.GradientNoise(3, sizes).sample(2, step=7, device=CPU)
+    again = transforms.GradientNoise(3, sizes).sample(2, step=7, device=CPU)
+    assert first.shape == (20,)
     assert torch.equal(first, again)
-    other_step = noise.sample((4, 5), step=8, index=2, device=torch.device("cpu"))
-    other_index = noise.sample((4, 5), step=7, index=3, device=torch.device("cpu"))
-    assert not torch.equal(first, other_step)
-    assert not torch.equal(first, other_index)
+    assert not torch.equal(first, transforms.GradientNoise(3, sizes).sample(2, step=8, device=CPU))
+    assert not torch.equal(first, transforms.GradientNoise(3, sizes).sample(3, step=7, device=CPU))
+    assert not torch.equal(first, transforms.GradientNoise(4, sizes).sample(2, step=7, device=CPU))
+
+
+def test_gradient_noise_of_a_parameter_is_its_part_of_the_chunked_sequence():
+    chunk = transforms.GradientNoise.chunk_size(CPU)
+    sizes = {0: 10, 4: chunk - 3, 9: 2 * chunk + 5, 10: 7}  # parameter 9 spans three chunks
+    noise = transforms.GradientNoise(1, sizes)
+    sequence = torch.cat([noise.chunk(5, c, CPU) for c in range(4)])
+    assert sequence.numel() == sum(sizes.values())
+    offset = 0
+    for index, size in sizes.items():
+        torch.testing.assert_close(noise.sample(index, 5, CPU), sequence[offset : offset + size], rtol=0, atol=0)
+        torch.testing.assert_close(noise.sample(index, 5, CPU, 3, 9), sequence[offset + 3 : offset + 9], rtol=0, atol=0)
+        offset += size
 
 
 def test_gradient_noise_adds_scaled_noise_in_place():
     grads = _grads()
     before = [g.clone() for g in grads]
-    noise = transforms.GradientNoise(seed=11)
+    noise = transforms.GradientNoise(11, {5 + i: g.numel() for i, g in enumerate(grads)})
     noise.add_(grads, [5, 6, 7, 8], step=2, scale=0.25)
     for position, (grad, original) in enumerate(zip(grads, before, strict=True)):
-        expected = original + 0.25 * noise.sample(grad.shape, 2, 5 + position, grad.device)
+        expected = original + 0.25 * noise.sample(5 + position, 2, grad.device).view(grad.shape)
         torch.testing.assert_close(grad, expected)
         assert float((grad - original).abs().max()) <= 0.5 + 1e-6
+
+
+def _row_shards(full: torch.Tensor, parts: int) -> list[tuple[torch.Tensor, ShardLayout]]:
+    """``full`` split like FSDP2's ``Shard(0)`` over ``parts`` processes, with each shard's layout."""
+    layouts = [ShardLayout(full.shape, ((0, 0),), (rank,), (parts,), None) for rank in range(parts)]
+    return [(layout.local_part(full).clone(), layout) for layout in layouts]
+
+
+@pytest.mark.parametrize("parts", [2, 3, 5])
+def test_shards_get_their_slice_of_the_full_parameters_noise_across_chunk_boundaries(parts):
+    chunk = transforms.GradientNoise.chunk_size(CPU)
+    shapes = [(3, 7), (2 * chunk // 64 + 3, 64), (4,), (9, chunk // 8 + 1)]
+    sizes = {index: math.prod(shape) for index, shape in enumerate(shapes)}
+    whole = [torch.zeros(shape) for shape in shapes]
+    transforms.GradientNoise(8, sizes).add_(whole, list(sizes), step=3, scale=0.5)
+    for rank in range(parts):
+        shards = [_row_shards(torch.zeros(shape), parts)[rank] for shape in shapes]
+        grads, layouts = [grad for grad, _ in shards], [layout for _, layout in shards]
+        transforms.GradientNoise(8, sizes).add_(grads, list(sizes), step=3, scale=0.5, layouts=layouts)
+        for grad, layout, full in zip(grads, layouts, whole, strict=True):
+            assert torch.equal(grad, layout.local_part(full))
+
+
+def test_a_shard_that_is_not_one_range_gets_its_part_of_the_full_noise():
+    full_shape = torch.Size((6, 10))
+    layout = ShardLayout(full_shape, ((0, 1),), (1,), (3,), None)  # columns 4..7: not contiguous
+    assert layout.flat_range() is None
+    whole = torch.zeros(full_shape)
+    transforms.GradientNoise(2, {0: 60}).add_([whole], [0], step=1, scale=1.0)
+    shard = torch.zeros(6, 4)
+    transforms.GradientNoise(2, {0: 60}).add_([shard], [0], step=1, scale=1.0, layouts=[layout])
+    assert torch.equal(shard, layout.local_part(whole))
+
+
+def test_gradient_noise_drawn_on_several_threads_equals_one_thread():
+    chunk = transforms.GradientNoise.chunk_size(CPU)
+    sizes = {0: 3 * chunk + 11, 1: 5}
+    grads = {threads: [torch.zeros(size) for size in sizes.values()] for threads in (1, 2)}
+    previous = torch.get_num_threads()
+    try:
+        for threads, tensors in grads.items():
+            torch.set_num_threads(threads)
+            transforms.GradientNoise(4, sizes).add_(tensors, [0, 1], step=9, scale=1.0)
+    finally:
+        torch.set_num_threads(previous)
+    for one, several in zip(grads[1], grads[2], strict=True):
+        assert torch.equal(one, several)
