@@ -56,8 +56,9 @@ class OptimizeLoss(Callback):
         gradient_noise_scale: Adds ``truncated_normal(shape) * gradient_noise_scale`` to every gradient
             (zero mean, cut at 2 standard deviations, so its std is ``0.88 * scale``). Default None (off).
             A callable of the global step returning the scale gives a noise schedule.
-            Unlike TF, the noise is drawn from a generator seeded by ``(seed, global step, parameter
-            index)``: identical on every data-parallel replica and reproduced on resume.
+            Unlike TF, the noise is drawn from generators seeded by ``(seed, global step, chunk)``, chunks of
+            the processed parameters' concatenation (:class:`~lightning_optloss.transforms.GradientNoise`):
+            identical on every data-parallel replica, the same for any sharding, and reproduced on resume.
         gradient_multipliers: ``{parameter or parameter name: factor}``; each listed gradient is multiplied.
             Unlike TF, a key that names no parameter (a typo) is an error at ``setup``.
         clip_gradients: A float ``c > 0``: global-norm clipping, every gradient times

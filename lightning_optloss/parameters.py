@@ -20,8 +20,8 @@ ParameterKey = str | nn.Parameter
 class NamedParameter:
     """A parameter of the module, with its position among the module's distinct parameters and its name.
 
-    ``index`` follows ``module.named_parameters()`` order; it seeds gradient noise, so it must be the same
-    in every process, which it is for the same module class.
+    ``index`` follows ``module.named_parameters()`` order; it places the parameter in the sequence that
+    gradient noise is drawn for, so it must be the same in every process, which it is for the same module class.
     """
 
     index: int
