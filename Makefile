@@ -13,10 +13,15 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 venv: $(VENV)/.installed
 
+# DeepSpeed (for its CPU tests) is built against the torch above: without build isolation, which would fetch
+# another torch (a CUDA build of several GB) into the build environment, and without its compiled ops.
+DEEPSPEED ?= deepspeed>=0.19.8
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet --no-build-isolation "$(DEEPSPEED)"
 	touch $@
 
 demo: venv

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
@@ -159,6 +161,7 @@ class OptimizeLoss(Callback):
         self._by_optimizer: dict[int, list[NamedParameter]] = {}
         self._monitors: dict[int, NonFiniteMonitor] = {}
         self._hooks: list[RemovableHandle] = []
+        self._pending_update_ops = 0
         self._processed: dict[int, StepOutcome] = {}
         self._ready: list[SummaryRecord] = []
         self._stepped_in_batch = False
@@ -197,6 +200,7 @@ class OptimizeLoss(Callback):
                 "OptimizeLoss); keep one of them."
             )
         self._access = strategies.gradient_access(_OWNER, trainer.strategy)
+        self._access.check(_OWNER, trainer, self.clip_gradients, self.on_nonfinite)
         self._scaler = strategies.loss_scaler(trainer)
         first = next(callback for callback in trainer.callbacks if isinstance(callback, OptimizeLoss))
         if first is not self:
@@ -209,16 +213,19 @@ class OptimizeLoss(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Parameters are resolved here, after configure_model (FSDP2 replaces them by DTensors there).
-        parameters = ModuleParameters(pl_module)
+        self._access.attach(trainer.strategy.model)
+        parameters = ModuleParameters(pl_module, self._access.parameter_name)
         params = parameters.select(_OWNER, "variables", self.variables)
         multipliers = parameters.keyed(_OWNER, "gradient_multipliers", self.gradient_multipliers, params)
         names = [entry.name for entry in params]
         keys = metric_keys(_OWNER, names)
-        by_optimizer = _params_by_optimizer(trainer.optimizers, params)
+        by_optimizer = _params_by_optimizer(trainer.optimizers, params, self._access)
         noise = None
         if self.gradient_noise_scale is not None:
-            sizes = {entry.index: entry.param.numel() for entry in params}  # whole parameters, also when sharded
-            noise = transforms.GradientNoise(self._resolved_seed, sizes)
+            sizes = self._access.full_sizes([entry.param for entry in params])
+            noise = transforms.GradientNoise(
+                self._resolved_seed, {entry.index: size for entry, size in zip(params, sizes, strict=True)}
+            )
         # Every rank computes the histograms (sharded ones need a collective); rank 0 keeps them.
         histograms = self._logging and "gradients" in self.summaries and bool(mlflow_io.mlflow_loggers(trainer.loggers))
         self._pipeline = GradientPipeline(
@@ -235,10 +242,13 @@ class OptimizeLoss(Callback):
             histograms=histograms,
         )
         self._by_optimizer = {id(optimizer): entries for optimizer, entries in by_optimizer}
-        self._hooks = [optimizer.register_step_post_hook(self._after_optimizer_step) for optimizer, _ in by_optimizer]
+        for optimizer, _ in by_optimizer:
+            after_step = functools.partial(self._after_optimizer_step, id(optimizer))
+            self._hooks.append(self._access.torch_optimizer(optimizer).register_step_post_hook(after_step))
+        bound = {id(self._access.torch_optimizer(optimizer)) for optimizer, _ in by_optimizer}
         for config in trainer.lr_scheduler_configs:
             scheduler = config.scheduler
-            if isinstance(scheduler, LearningRateDecay) and id(scheduler.optimizer) in self._by_optimizer:
+            if isinstance(scheduler, LearningRateDecay) and id(scheduler.optimizer) in bound:
                 scheduler.bind_global_step(self._global_step)
         self._start_mlflow_records(trainer, params, multipliers)
 
@@ -287,8 +297,11 @@ class OptimizeLoss(Callback):
         """
         if self._pipeline is None:
             raise RuntimeError(f"{_OWNER}.apply() runs during trainer.fit(), after the callback's on_fit_start.")
+        if not self._access.at_optimizer_step():  # DeepSpeed's accumulating micro-batches
+            return
         self._stepped_in_batch = True
-        optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer.optimizer
         entries = self._by_optimizer.get(id(optimizer))
         if not entries or id(optimizer) in self._processed:
             return
@@ -317,17 +330,25 @@ class OptimizeLoss(Callback):
                 param.grad = None  # the optimizer then updates nothing: the step is skipped
         rank_zero_warn(f"{_OWNER}: skipped the optimizer step at global step {step}: non-finite gradients in {shown}.")
 
-    def _after_optimizer_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        """Runs after ``optimizer.step()`` (not after a step AMP skipped: the GradScaler does not call it)."""
-        outcome = self._processed.get(id(optimizer))
+    def _after_optimizer_step(self, key: int, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        """Runs after the step of the optimizer ``id`` ``key`` (not after a step AMP skipped: the GradScaler
+        does not call it), once per processed step."""
+        outcome = self._processed.pop(key, None)
         if outcome is None or outcome.skip:
             return
-        for update_op in self.update_ops:
-            update_op()
+        if self._access.params_final_after_step:
+            self._run_update_ops(1)
+        else:
+            self._pending_update_ops += 1
         if outcome.record is not None:
             self._ready.append(outcome.record)
         if self.increment_global_step:
             self.global_step += 1
+
+    def _run_update_ops(self, steps: int) -> None:
+        for _ in range(steps):
+            for update_op in self.update_ops:
+                update_op()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -339,6 +360,8 @@ class OptimizeLoss(Callback):
             self._loss_count += 1
         if not self._stepped_in_batch:
             return
+        self._run_update_ops(self._pending_update_ops)
+        self._pending_update_ops = 0
         if self._ready:
             self._complete_records(pl_module)
             if trainer.is_global_zero:
@@ -460,6 +483,7 @@ _RUN_STATE = (
     "_by_optimizer",
     "_monitors",
     "_hooks",
+    "_pending_update_ops",
     "_processed",
     "_ready",
     "_stepped_in_batch",
@@ -474,13 +498,13 @@ _RUN_STATE = (
 
 
 def _params_by_optimizer(
-    optimizers: list[Optimizer], params: list[NamedParameter]
+    optimizers: list[Optimizer], params: list[NamedParameter], access: strategies.GradientAccess
 ) -> list[tuple[Optimizer, list[NamedParameter]]]:
     """The processed parameters each optimizer updates; an error for any that no optimizer updates."""
     pairs = []
     unclaimed = {entry.index: entry for entry in params}
     for optimizer in optimizers:
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        held = {id(p) for p in access.optimized_parameters(optimizer)}
         mine = [entry for entry in params if id(entry.param) in held]
         if mine:
             pairs.append((optimizer, mine))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -32,13 +32,14 @@ class NamedParameter:
 class ModuleParameters:
     """The distinct parameters of a module, found by object or by any of their names (tied ones have two)."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, clean_name: Callable[[str], str] = str) -> None:
         self.ordered: list[NamedParameter] = [
-            NamedParameter(index, name, param) for index, (name, param) in enumerate(module.named_parameters())
+            NamedParameter(index, clean_name(name), param)
+            for index, (name, param) in enumerate(module.named_parameters())
         ]
         by_id = {id(entry.param): entry for entry in self.ordered}
         self.by_name: dict[str, NamedParameter] = {
-            name: by_id[id(param)] for name, param in module.named_parameters(remove_duplicate=False)
+            clean_name(name): by_id[id(param)] for name, param in module.named_parameters(remove_duplicate=False)
         }
         self.by_id = by_id
 

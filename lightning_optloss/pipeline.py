@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 
 from lightning_optloss import histograms, transforms, validation
 from lightning_optloss.parameters import NamedParameter
-from lightning_optloss.strategies import GradientAccess, ShardLayout
+from lightning_optloss.strategies import GradientAccess, Layout
 from lightning_optloss.summaries import GRADIENT_STATISTICS, SummaryRecord, metric_key
 
 ClipFn = Callable[..., Sequence[tuple[Tensor | None, Tensor]]]
@@ -35,7 +35,7 @@ class StepGradients:
     entries: list[NamedParameter]
     grads: list[Tensor]
     params: list[Tensor]  # the parameters, as local shards when sharded
-    layouts: list[ShardLayout | None]
+    layouts: list[Layout | None]
     positions: list[int]  # of these entries among all the entries of the optimizer
 
     @property
@@ -203,6 +203,7 @@ class GradientPipeline:
         if outcome.record is not None:
             self._record_before_clipping(outcome.record, optimizer, norms, scale)
         norms = self._clip(gradients, norms, step, sum_over_shards, outcome.record)
+        self.access.write_back([entry.param for entry in gradients.entries], grads)
         if outcome.record is not None:
             self._record_after_clipping(outcome.record, gradients, norms)
         return outcome

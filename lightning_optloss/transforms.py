@@ -28,7 +28,7 @@ from torch import Tensor
 from lightning_optloss import validation
 
 if TYPE_CHECKING:
-    from lightning_optloss.strategies import ShardLayout
+    from lightning_optloss.strategies import Layout
 
 AllReduceSum = Callable[[Tensor], Tensor]
 
@@ -266,7 +266,7 @@ class GradientNoise:
         indices: Sequence[int],
         step: int,
         scale: float,
-        layouts: Sequence[ShardLayout | None] | None = None,
+        layouts: Sequence[Layout | None] | None = None,
     ) -> None:
         """Add ``scale`` times the noise of parameter ``indices[i]`` at ``step`` to ``grads[i]`` in place.
 

@@ -44,7 +44,7 @@ def run(strategy: str, features: dict[str, Any], out: Path, steps: int = 6, **ex
     MlflowClient(f"sqlite:///{out / 'mlflow.db'}").search_experiments()
     config = {"strategy": strategy, "steps": steps, "global_batch": 8, **features, **extra}
     launcher = [sys.executable]
-    if strategy in ("ddp", "fsdp2"):
+    if strategy in ("ddp", "fsdp1", "fsdp2") or strategy.startswith("deepspeed"):
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     done = run_process_group([*launcher, str(SCRIPT), json.dumps(config), str(out)], timeout=300, env=env)
@@ -93,7 +93,7 @@ def single_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
 
 
 @pytest.mark.parametrize("features", list(TF_FEATURES))
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp1", "fsdp2"])
 def test_two_processes_match_one_with_tf_features(strategy, features, single_runs, tmp_path):
     assert_same_run(single_runs[features], run(strategy, TF_FEATURES[features], tmp_path))
 
@@ -115,6 +115,32 @@ def test_ddp_matches_one_process_with_beyond_tf_features(features, single_runs, 
 
 def test_fsdp2_agc_clips_sharded_rows_like_one_process(single_runs, tmp_path):
     assert_same_run(single_runs["agc+annealed+warmup"], run("fsdp2", BEYOND_TF["agc+annealed+warmup"], tmp_path))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_zero_stages_match_one_process(stage, single_runs, tmp_path):
+    pytest.importorskip("deepspeed")
+    assert_same_run(single_runs["float"], run(f"deepspeed{stage}", TF_FEATURES["float"], tmp_path))
+
+
+def test_deepspeed_processes_the_accumulated_gradient_once_per_optimizer_step(tmp_path):
+    pytest.importorskip("deepspeed")
+    features = {**TF_FEATURES["adaptive"], "accumulate": 2, "batches_per_epoch": 8}
+    result = run("deepspeed2", features, tmp_path / "deepspeed", steps=4)
+    assert "DeepSpeed's backward divides it again" in " ".join(result["output"].split())
+    # Lightning and DeepSpeed each divide the loss by accumulate_grad_batches (the warning): the reference
+    # divides it once more itself, so gradients, noise, clipping and updates match one for one.
+    reference = run("single", {**features, "loss_factor": 0.5}, tmp_path / "single", steps=4)
+    for name, value in reference["weights"][0].items():
+        for rank_weights in result["weights"]:
+            torch.testing.assert_close(rank_weights[name], value, rtol=RTOL, atol=1e-7)
+    assert result["states"][0]["global_step"] == reference["states"][0]["global_step"] == 4
+    norms = "OptimizeLoss/global_norm/gradient_norm"
+    assert sorted(map(int, result["metrics"][norms])) == [0, 1, 2, 3]  # one record per optimizer step
+    for step, values in reference["metrics"][norms].items():
+        assert math.isclose(result["metrics"][norms][step][0], values[0], rel_tol=RTOL)
+    for step, values in reference["metrics"]["OptimizeLoss/loss"].items():  # the mean of the micro-batches
+        assert math.isclose(result["metrics"]["OptimizeLoss/loss"][step][0], 2 * values[0], rel_tol=RTOL)
 
 
 def test_ddp_spawn_pickles_the_callback_and_matches_one_process(single_runs, tmp_path):

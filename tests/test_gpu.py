@@ -56,3 +56,49 @@ def test_steps_that_do_not_log_never_synchronise_with_the_host(clip, mlflow_logg
     trainer.fit(TinyRegression(), regression_data(12))
     assert callback.global_step == 12
     assert sorted(metric_history(mlflow_logger)["OptimizeLoss/loss"]) == [0, 5, 10]
+
+
+def test_fp16_mixed_overflow_on_cuda_leaves_the_global_step_and_statistics_alone():
+    from support import LossScaledAt
+
+    clip = adaptive_clipping_fn(global_step=True)
+    callback = OptimizeLoss(clip_gradients=clip)
+    model = LossScaledAt({2}, 1e30, optimizer="SGD", learning_rate=0.1)  # float16 gradients overflow at batch 2
+    trainer = make_trainer([callback], accelerator="cuda", precision="16-mixed", max_steps=5)
+    trainer.fit(model, regression_data(5))
+    assert trainer.global_step == 5
+    assert callback.global_step == 4
+    assert torch.isfinite(clip.mean) and torch.isfinite(clip.sq_mean)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _one_gpu_strategy(name: str):
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    if name == "fsdp1":
+        return FSDPStrategy()
+    return DeepSpeedStrategy(stage=int(name[-1]))
+
+
+@pytest.mark.parametrize("strategy", ["fsdp1", "deepspeed2", "deepspeed3"])
+def test_sharded_strategies_on_one_gpu_match_one_device(strategy, mlflow_logger):
+    """On one GPU a sharded strategy holds everything, but gradients still come through its own accessors."""
+    if strategy.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+
+    def fit(trainer_strategy, logger=False):
+        callback = OptimizeLoss(gradient_noise_scale=0.01, gradient_multipliers={"w1": 0.5}, clip_gradients=1.0, seed=3)
+        model = TinyRegression("SGD", 0.1)
+        trainer = make_trainer(
+            [callback], logger=logger, accelerator="cuda", max_steps=6, strategy=trainer_strategy, precision="32-true"
+        )
+        trainer.fit(model, regression_data(6))
+        return {name: param.detach().float().cpu() for name, param in model.named_parameters()}, callback
+
+    reference, _ = fit("auto")
+    weights, callback = fit(_one_gpu_strategy(strategy), mlflow_logger)
+    assert callback.global_step == 6
+    if strategy != "deepspeed3":  # ZeRO-3 leaves partitioned (empty) parameters in the module
+        for name, value in reference.items():
+            torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6)
+    assert sorted(metric_history(mlflow_logger)["OptimizeLoss/global_norm/gradient_norm"]) == list(range(6))

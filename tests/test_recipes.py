@@ -1,4 +1,5 @@
-"""recipes/ start and train as documented: DDP and FSDP2 on 2 CPU processes, through recipes/torchrun.sh."""
+"""recipes/ start and train as documented: DDP, FSDP2 and DeepSpeed ZeRO 2/3 on 2 CPU processes, through
+recipes/torchrun.sh."""
 
 from __future__ import annotations
 
@@ -15,15 +16,34 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 
 
+# The DeepSpeed recipes need CUDA as written; on CPU processes the tests swap in the test-only strategy that
+# lifts Lightning's CUDA check (tests/distributed/cpu_deepspeed.py), keeping the recipe's ZeRO stage.
+ON_CPU = {
+    "deepspeed": ["--trainer.strategy.class_path=cpu_deepspeed.CPUDeepSpeedStrategy", "--trainer.precision=32-true"]
+}
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize(("config", "run_name"), [("ddp.yaml", "ddp"), ("fsdp.yaml", "fsdp2")])
+@pytest.mark.parametrize(
+    ("config", "run_name"),
+    [
+        ("ddp.yaml", "ddp"),
+        ("fsdp.yaml", "fsdp2"),
+        ("deepspeed_zero2.yaml", "deepspeed-zero2"),
+        ("deepspeed_zero3.yaml", "deepspeed-zero3"),
+    ],
+)
 def test_recipe_trains_on_two_cpu_processes_and_logs_to_mlflow(config, run_name, tmp_path):
+    if config.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     environment = {
         **os.environ,
         "NPROC": "2",
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join(
+            [str(REPO), str(REPO / "tests" / "distributed"), os.environ.get("PYTHONPATH", "")]
+        ),
     }
     command = [
         "bash",
@@ -34,6 +54,7 @@ def test_recipe_trains_on_two_cpu_processes_and_logs_to_mlflow(config, run_name,
         "--trainer.log_every_n_steps=1",
         "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.tracking_uri={tracking_uri}",
+        *ON_CPU.get(config.split("_")[0], []),
     ]
     done = run_process_group(command, timeout=300, cwd=REPO, env=environment)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]

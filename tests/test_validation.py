@@ -8,7 +8,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceXLAStrategy
 from support import TinyRegression, make_trainer, regression_data
 
 from lightning_optloss import OptimizeLoss, agc_clipping_fn, configure_optimizers, decay, strategies
@@ -153,9 +153,17 @@ def test_parameters_without_any_gradient_fail_at_the_first_step():
         _fit(OptimizeLoss(variables=["unused"]), ExtraInOptimizer())
 
 
-def test_strategies_not_supported_yet_are_refused_by_name():
-    with pytest.raises(ValueError, match="FSDPStrategy, which this version of lightning_optloss does not support"):
-        strategies.gradient_access("OptimizeLoss", FSDPStrategy())
+def test_strategies_not_supported_are_refused_by_name():
+    xla = SingleDeviceXLAStrategy.__new__(SingleDeviceXLAStrategy)  # built without a TPU: only its type matters
+    with pytest.raises(ValueError, match="SingleDeviceXLAStrategy, which lightning_optloss does not support"):
+        strategies.gradient_access("OptimizeLoss", xla)
+
+
+def test_fsdp1_without_original_parameters_is_refused():
+    with pytest.raises(ValueError, match=r"use_orig_params=False\) hides the module's parameters"):
+        strategies.gradient_access("OptimizeLoss", FSDPStrategy(use_orig_params=False))
+    access = strategies.gradient_access("OptimizeLoss", FSDPStrategy())
+    assert isinstance(access, strategies.FlatParameterGradientAccess)
 
 
 def _module():

@@ -21,13 +21,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.strategies import ModelParallelStrategy
-from torch.distributed.fsdp import fully_shard
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from support import TinyRegression, metric_values, regression_data
+from cpu_fsdp import CPUFSDPStrategy
+from support import LossScaledAt, TinyRegression, metric_values, regression_data
 
 from lightning_optloss import (
     OptimizeLoss,
@@ -94,10 +95,20 @@ class SaveResults(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         rank = trainer.global_rank
-        weights = {
-            name: (param.full_tensor() if isinstance(param, DTensor) else param).detach().clone()
-            for name, param in pl_module.named_parameters()
-        }
+        if isinstance(trainer.strategy, FSDPStrategy):
+            with FullyShardedDataParallel.summon_full_params(trainer.model, writeback=False):
+                weights = {name: param.detach().clone() for name, param in pl_module.named_parameters()}
+        elif isinstance(trainer.strategy, DeepSpeedStrategy):
+            import deepspeed
+
+            # Whole parameters under ZeRO-3; a no-op for stages 1 and 2.
+            with deepspeed.zero.GatheredParameters(list(pl_module.parameters())):
+                weights = {name: param.detach().clone() for name, param in pl_module.named_parameters()}
+        else:
+            weights = {
+                name: (param.full_tensor() if isinstance(param, DTensor) else param).detach().clone()
+                for name, param in pl_module.named_parameters()
+            }
         torch.save(weights, self.out / f"weights_rank{rank}.pt")
         optimize_loss = next(c for c in trainer.callbacks if isinstance(c, OptimizeLoss))  # the worker's copy
         torch.save(optimize_loss.state_dict(), self.out / f"state_rank{rank}.pt")
@@ -119,17 +130,31 @@ def main(config: dict[str, Any], out: Path) -> None:
         summaries=["loss", "learning_rate", "gradients", "gradient_norm", "global_gradient_norm"],
         seed=config.get("seed", 7),
     )
-    model_cls = ShardedRegression if strategy == "fsdp2" else TinyRegression
-    model = model_cls(config.get("optimizer", "Adam"), 0.05, decay_from(config.get("decay")))
+    options = {
+        "optimizer": config.get("optimizer", "Adam"),
+        "learning_rate": 0.05,
+        "decay_fn": decay_from(config.get("decay")),
+    }
+    if config.get("loss_factor"):  # every batch's loss multiplied by it
+        model = LossScaledAt(set(range(256)), config["loss_factor"], **options)
+    else:
+        model = (ShardedRegression if strategy == "fsdp2" else TinyRegression)(**options)
     callbacks: list[pl.Callback] = [callback, SaveResults(out)]
     if config.get("checkpoint_every"):
         callbacks.append(ModelCheckpoint(dirpath=out, save_top_k=-1, every_n_train_steps=config["checkpoint_every"]))
+    strategies = {
+        "single": "auto",
+        "fsdp2": ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        "fsdp1": CPUFSDPStrategy(process_group_backend="gloo"),
+    }
+    if strategy.startswith("deepspeed"):  # deepspeed1, deepspeed2, deepspeed3: the ZeRO stage
+        from cpu_deepspeed import CPUDeepSpeedStrategy
+
+        strategies[strategy] = CPUDeepSpeedStrategy(stage=int(strategy[-1]), process_group_backend="gloo")
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-        if strategy == "fsdp2"
-        else ("auto" if strategy == "single" else strategy),
+        strategy=strategies.get(strategy, strategy),
         max_steps=config["steps"],
         logger=MLFlowLogger(experiment_name="distributed", tracking_uri=f"sqlite:///{out / 'mlflow.db'}"),
         callbacks=callbacks,
@@ -138,6 +163,7 @@ def main(config: dict[str, Any], out: Path) -> None:
         enable_model_summary=False,
         enable_checkpointing=bool(config.get("checkpoint_every")),
         use_distributed_sampler=False,
+        accumulate_grad_batches=config.get("accumulate", 1),
     )
     data = RegressionData(config.get("batches_per_epoch", config["steps"]), config["global_batch"], devices)
     trainer.fit(model, datamodule=data, ckpt_path=config.get("resume_from"))
