@@ -271,11 +271,13 @@ class OptimizeLoss(Callback):
         self._release()  # Lightning calls no teardown hook after an exception
 
     def _release(self) -> None:
-        """Remove the optimizer hooks and the local artifact files."""
+        """Remove the optimizer hooks, stop the noise threads, remove the local artifact files."""
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
         self._by_optimizer.clear()
+        if self._pipeline is not None and self._pipeline.noise is not None:
+            self._pipeline.noise.close()
         if self._run_artifacts is not None:
             self._run_artifacts.cleanup()
             self._run_artifacts = None

@@ -8,6 +8,8 @@ when it runs, with which global step, and where the summaries go. Nothing here c
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,10 +39,10 @@ class StepGradients:
     params: list[Tensor]  # the parameters, as local shards when sharded
     layouts: list[Layout | None]
     positions: list[int]  # of these entries among all the entries of the optimizer
+    sharded: bool = field(init=False)
 
-    @property
-    def sharded(self) -> bool:
-        return any(layout is not None for layout in self.layouts)
+    def __post_init__(self) -> None:
+        self.sharded = any(layout is not None for layout in self.layouts)
 
 
 @dataclass
@@ -67,6 +69,8 @@ class NonFiniteMonitor:
 
     def observe(self, step: int, bad: Tensor, positions: list[int]) -> None:
         """``bad[i]``: the gradient at ``positions[i]`` among the names has a non-finite norm this step."""
+        if bad.device.type == "cpu" and not bad.any():  # reading it waits for nothing on a CPU
+            return
         if len(positions) != len(self.names):  # some parameters got no gradient this step
             index = torch.tensor(positions, device=bad.device)
             bad = torch.zeros(len(self.names), dtype=torch.bool, device=bad.device).index_copy_(0, index, bad)
@@ -140,6 +144,7 @@ class GradientPipeline:
         self.clip_groups = clip_groups or {}
         self.group_keys = _group_keys(clip) if isinstance(clip, dict) else []
         self._group_index: dict[tuple[int, ...], Tensor] = {}
+        self._magnitudes: dict[tuple[int, ...], Tensor] = {}
         self.summaries = list(summaries)
         self.access = access
         self.metric_keys = metric_keys
@@ -152,6 +157,10 @@ class GradientPipeline:
         """The gradients of ``entries`` that exist, as local tensors, or an error if none does."""
         params = [entry.param for entry in entries]
         local = self.access.local_grads(params)
+        if all(map(operator.is_not, local, itertools.repeat(None))):  # the common case: every gradient is there
+            return StepGradients(
+                entries, local, self.access.local_params(params), self.access.layouts(params), list(range(len(params)))
+            )
         present = [position for position, grad in enumerate(local) if grad is not None]
         if not present:
             raise ValueError(
@@ -188,10 +197,15 @@ class GradientPipeline:
         scale = self.current_noise_scale(step) if self.noise is not None else 0.0
         if scale:
             self.noise.add_(grads, [e.index for e in gradients.entries], step, scale, gradients.layouts)
-        if self.multipliers:
-            transforms.multiply_(grads, [self.multipliers.get(e.index, 1.0) for e in gradients.entries])
+        multipliers = [self.multipliers.get(e.index, 1.0) for e in gradients.entries] if self.multipliers else None
+        # With float clipping the multipliers go into the clipping pass (a norm scales with its multiplier).
+        fused = multipliers is not None and isinstance(self.clip, float)
+        if multipliers is not None and not fused:
+            transforms.multiply_(grads, multipliers)
         sum_over_shards = self._sum_over_shards(gradients)
         norms = transforms.parameter_norms(grads, sum_over_shards)
+        if fused:
+            norms = norms * self._multiplier_magnitudes(gradients, multipliers, norms)
         outcome = StepOutcome(SummaryRecord(step) if logging else None)
         if self.on_nonfinite != "warn":
             names = self._nonfinite_names(gradients, norms)
@@ -202,11 +216,21 @@ class GradientPipeline:
             monitor.observe(step, ~torch.isfinite(norms), gradients.positions)
         if outcome.record is not None:
             self._record_before_clipping(outcome.record, optimizer, norms, scale)
-        norms = self._clip(gradients, norms, step, sum_over_shards, outcome.record)
+        norms = self._clip(gradients, norms, step, sum_over_shards, outcome.record, multipliers if fused else None)
         self.access.write_back([entry.param for entry in gradients.entries], grads)
         if outcome.record is not None:
             self._record_after_clipping(outcome.record, gradients, norms)
         return outcome
+
+    def _multiplier_magnitudes(self, gradients: StepGradients, multipliers: list[float], norms: Tensor) -> Tensor:
+        """``|multipliers|`` as a tensor beside the norms; one host-to-device copy per distinct set of gradients."""
+        key = tuple(entry.index for entry in gradients.entries)
+        magnitudes = self._magnitudes.get(key)
+        if magnitudes is None:
+            magnitudes = self._magnitudes[key] = torch.tensor(
+                [abs(m) for m in multipliers], dtype=norms.dtype, device=norms.device
+            )
+        return magnitudes
 
     def current_noise_scale(self, step: int) -> float:
         """The noise scale at ``step``: the float, or the schedule's value, checked."""
@@ -232,13 +256,15 @@ class GradientPipeline:
         step: int,
         sum_over_shards: Callable[[Tensor], Tensor] | None,
         record: SummaryRecord | None,
+        multipliers: list[float] | None = None,
     ) -> Tensor:
-        """Clip in place; return the per-parameter norms after clipping."""
+        """Clip in place (float clipping also applies ``multipliers``); return the norms after clipping."""
         clip, grads = self.clip, gradients.grads
         if clip is None:
             return norms
         if isinstance(clip, float):
-            return norms * transforms.clip_by_global_norm_(grads, clip, transforms.global_norm(norms))
+            factor = transforms.clip_by_global_norm_(grads, clip, transforms.global_norm(norms), multipliers)
+            return norms * factor
         if isinstance(clip, dict):
             return self._clip_groups(gradients, norms, record)
         keywords: dict[str, Any] = {}

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import operator
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -37,6 +39,7 @@ _TRUNCATED_STD = 0.8796256610342398  # std of a standard normal truncated at ±2
 _MASK64 = (1 << 64) - 1
 _CPU_CHUNK = 1 << 18
 _ACCELERATOR_CHUNK = 1 << 22
+_CACHED_NOISE_PLANS = 8  # one per distinct set of gradients (optimizer, sharding)
 
 
 def _norm_dtype(grads: Sequence[Tensor]) -> torch.dtype:
@@ -49,11 +52,15 @@ def parameter_norms(grads: Sequence[Tensor], all_reduce_sum: AllReduceSum | None
     Half-precision gradients are reduced in float32. With ``all_reduce_sum`` the squared norms of the local
     shards are summed over processes first: exactly one collective for all parameters.
     """
-    dtype = _norm_dtype(grads)
     device = grads[0].device
-    if all(grad.dtype == dtype and grad.device == device for grad in grads):  # the common case: one kernel
-        stacked = torch.stack(torch._foreach_norm(list(grads), 2))
-        return stacked if all_reduce_sum is None else all_reduce_sum(stacked.square()).sqrt()
+    if {grad.dtype for grad in grads} in ({torch.float32}, {torch.float64}):  # the common case: one kernel
+        try:
+            stacked = torch.stack(torch._foreach_norm(list(grads), 2))
+        except RuntimeError:  # gradients on several devices: the general path below
+            pass
+        else:
+            return stacked if all_reduce_sum is None else all_reduce_sum(stacked.square()).sqrt()
+    dtype = _norm_dtype(grads)
     norms: list[Tensor | None] = [None] * len(grads)
     by_dtype: dict[torch.dtype, list[int]] = {}
     for position, grad in enumerate(grads):
@@ -88,7 +95,9 @@ def present_gradients(
     return grads, (norm if grads else None)
 
 
-def clip_by_global_norm_(grads: Sequence[Tensor], clip_norm: float, norm: Tensor) -> Tensor:
+def clip_by_global_norm_(
+    grads: Sequence[Tensor], clip_norm: float, norm: Tensor, multipliers: Sequence[float] | None = None
+) -> Tensor:
     """Scale ``grads`` in place by ``clip_norm / max(norm, clip_norm)``; return that factor (0-d tensor).
 
     Written as TF writes it (``clip_norm * min(1 / norm, 1 / clip_norm)``, plus ``norm - norm``), so a
@@ -96,22 +105,37 @@ def clip_by_global_norm_(grads: Sequence[Tensor], clip_norm: float, norm: Tensor
     the finite ones as ``torch.nn.utils.clip_grad_norm_`` does. On the CPU, where reading the factor waits
     for nothing, a factor of exactly 1 skips the multiplication, which would change no gradient; on
     accelerators the multiplication always runs, so that nothing synchronises with the host.
+
+    ``multipliers`` (TF's gradient multipliers, not applied yet; ``norm`` must then be the global norm of the
+    multiplied gradients) are applied in the same pass: gradient ``i`` is scaled by ``multipliers[i] * factor``,
+    one memory pass instead of two (the product rounds once more than TF's two multiplications, within float32
+    precision).
     """
     inverse_clip = float(np.float32(1.0) / np.float32(clip_norm))
     factor = clip_norm * torch.clamp(norm.reciprocal(), max=inverse_clip) + (norm - norm)
-    if factor.device.type != "cpu" or float(factor) != 1.0:
-        torch._foreach_mul_(list(grads), factor)
+    unit = factor.device.type == "cpu" and float(factor) == 1.0
+    for multiplier, group in _by_multiplier(grads, multipliers).items():
+        if multiplier != 1.0:
+            torch._foreach_mul_(group, multiplier if unit else factor * multiplier)
+        elif not unit:
+            torch._foreach_mul_(group, factor)
     return factor
 
 
 def multiply_(grads: Sequence[Tensor], multipliers: Sequence[float]) -> None:
     """``grads[i] *= multipliers[i]`` in place; one foreach kernel per distinct multiplier, 1.0 skipped."""
+    for multiplier, group in _by_multiplier(grads, multipliers).items():
+        if multiplier != 1.0:
+            torch._foreach_mul_(group, multiplier)
+
+
+def _by_multiplier(grads: Sequence[Tensor], multipliers: Sequence[float] | None) -> dict[float, list[Tensor]]:
+    if multipliers is None:
+        return {1.0: list(grads)}
     groups: dict[float, list[Tensor]] = {}
     for grad, multiplier in zip(grads, multipliers, strict=True):
-        if multiplier != 1.0:
-            groups.setdefault(multiplier, []).append(grad)
-    for multiplier, group in groups.items():
-        torch._foreach_mul_(group, multiplier)
+        groups.setdefault(multiplier, []).append(grad)
+    return groups
 
 
 def local_moments(grads: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
@@ -195,6 +219,31 @@ def truncated_normal_by_inverse_cdf(shape: Sequence[int], generator: torch.Gener
     return sample.mul_(2.0).sub_(1.0).erfinv_().mul_(math.sqrt(2.0)).clamp_(-_TRUNCATION, _TRUNCATION)
 
 
+@dataclass(frozen=True)
+class _ChunkPlan:
+    """How one noise chunk is added: its split into consecutive parts, and which part goes to which gradient.
+
+    ``parts`` picks the parts that are added (from ``chunk.split(lengths)``), ``targets`` the flattened
+    gradients they are added to, in the same order; ``slices`` are ``(k, start, stop)`` for the targets that
+    take only elements ``[start, stop)`` of their gradient (one spanning several chunks). Pickers are
+    ``operator.itemgetter``s, so a step does no Python loop over the parameters of a chunk.
+    """
+
+    chunk: int
+    lengths: tuple[int, ...]
+    parts: Callable[[Sequence[Tensor]], tuple[Tensor, ...]]
+    targets: Callable[[Sequence[Tensor]], tuple[Tensor, ...]]
+    slices: tuple[tuple[int, int, int], ...]
+
+
+def _picker(positions: Sequence[int]) -> Callable[[Sequence[Tensor]], tuple[Tensor, ...]]:
+    """``itemgetter(*positions)``, always returning a tuple."""
+    if len(positions) == 1:
+        (position,) = positions
+        return lambda items: (items[position],)
+    return operator.itemgetter(*positions)
+
+
 class GradientNoise:
     """TF's gradient noise, ``g += truncated_normal(shape) * scale``, seeded so replicas agree.
 
@@ -204,12 +253,14 @@ class GradientNoise:
     :func:`noise_seed` ``(seed, step, c)``. So every data-parallel replica adds the same noise (TF drew unseeded
     noise per replica, and replicas drifted apart), a resumed run adds the noise the uninterrupted run would
     have, and a shard of a parameter gets exactly its slice of the full parameter's noise (only the chunks it
-    overlaps are drawn), so results do not depend on the world size. Small tensors share chunks (one generator
-    call for many of them) and large ones span several, which on a CPU are drawn on a thread per core.
+    overlaps are drawn), so results do not depend on the world size.
 
-    Extra memory: one chunk per worker thread (1 MiB each on a CPU, 16 MiB on an accelerator), or the largest
-    parameter's noise for a shard that is not a contiguous range of its parameter (tensor parallelism on a
-    dimension other than 0).
+    Cost: small tensors share chunks (one generator call for many of them, one ``_foreach_add_`` per chunk),
+    large ones span several, which on a CPU are drawn on a thread per core (one intra-op thread each).
+
+    Extra memory: a chunk per thread on a CPU (1 MiB each), one chunk on accelerators (16 MiB). A shard that is
+    not a contiguous range of its parameter (tensor parallelism on a dimension other than 0) draws its
+    parameter's whole noise and takes its part.
 
     Args:
         seed: Any integer in ``[0, 2**63)``.
@@ -228,8 +279,13 @@ class GradientNoise:
             self.offsets[index] = total
             total += self.sizes[index]
         self.total = total
+        self._reset()
+
+    def _reset(self) -> None:
+        """What is re-made after unpickling: generators (per thread), threads, plans."""
         self._local = threading.local()
         self._pool: ThreadPoolExecutor | None = None
+        self._plans: dict[tuple[object, ...], tuple[list[_ChunkPlan], list[int]]] = {}
 
     @staticmethod
     def chunk_size(device: torch.device) -> int:
@@ -270,49 +326,125 @@ class GradientNoise:
     ) -> None:
         """Add ``scale`` times the noise of parameter ``indices[i]`` at ``step`` to ``grads[i]`` in place.
 
-        ``layouts[i]``, when given and not None, says where the shard ``grads[i]`` sits in its parameter.
+        ``layouts[i]``, when given and not None, says where the shard ``grads[i]`` sits in its parameter. All
+        gradients are on one device.
         """
-        layouts = layouts or [None] * len(grads)
-        pieces: dict[tuple[torch.device, int], list[tuple[int, int, Tensor]]] = {}
-        for grad, index, layout in zip(grads, indices, layouts, strict=True):
-            span = (0, self.sizes[index]) if layout is None else layout.flat_range()
-            if span is not None and span[0] == span[1]:
-                continue  # an empty shard
-            if span is None or not grad.is_contiguous():
-                full = self.sample(index, step, grad.device).view(layout.full_shape if layout else grad.shape)
-                grad.add_(layout.local_part(full) if layout else full, alpha=scale)
-                continue
-            size = self.chunk_size(grad.device)
-            first, last = self.offsets[index] + span[0], self.offsets[index] + span[1]
-            flat = grad.view(-1)
-            for c in range(first // size, -(-last // size)):
-                low, high = max(first, c * size), min(last, (c + 1) * size)
-                target = flat[low - first : high - first]
-                pieces.setdefault((grad.device, c), []).append((low - c * size, high - c * size, target))
-        work = [(device, c, chunk_pieces) for (device, c), chunk_pieces in pieces.items()]
-        if len(work) > 1 and work[0][0].type == "cpu" and torch.get_num_threads() > 1:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="gradient-noise")
-            for future in [self._pool.submit(self._add_chunk, step, scale, *item) for item in work]:
+        layouts = layouts if layouts is not None and any(layouts) else None
+        device = grads[0].device
+        try:
+            flats = [grad if grad.dim() == 1 else grad.view(-1) for grad in grads]
+            contiguous: tuple[bool, ...] | None = None
+        except RuntimeError:  # a gradient whose elements are not one strided range: handled whole
+            contiguous = tuple(grad.is_contiguous() for grad in grads)
+            flats = [grad.view(-1) if ok else grad for grad, ok in zip(grads, contiguous, strict=True)]
+        key = (tuple(indices), None if layouts is None else tuple(layouts), contiguous, device)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= _CACHED_NOISE_PLANS:
+                self._plans.clear()
+            plan = self._plans[key] = self._plan(indices, layouts, contiguous, device)
+        chunk_plans, whole = plan
+        for position in whole:  # not one range of its parameter: the parameter's noise, then its part
+            layout = layouts[position] if layouts is not None else None
+            full = self.sample(indices[position], step, device)
+            full = full.view(layout.full_shape if layout is not None else grads[position].shape)
+            grads[position].add_(layout.local_part(full) if layout is not None else full, alpha=scale)
+        if device.type == "cpu" and len(chunk_plans) > 1 and torch.get_num_threads() > 1:
+            pool = self._threads()
+            for future in [pool.submit(self._add_chunk, step, scale, device, p, flats) for p in chunk_plans]:
                 future.result()
         else:
-            for item in work:
-                self._add_chunk(step, scale, *item)
+            for chunk_plan in chunk_plans:
+                self._add_chunk(step, scale, device, chunk_plan, flats)
 
     def _add_chunk(
-        self, step: int, scale: float, device: torch.device, chunk: int, pieces: list[tuple[int, int, Tensor]]
+        self,
+        step: int,
+        scale: float,
+        device: torch.device,
+        plan: _ChunkPlan,
+        flats: list[Tensor],
     ) -> None:
-        noise = self.chunk(step, chunk, device)
-        torch._foreach_add_([target for _, _, target in pieces], [noise[a:b] for a, b, _ in pieces], alpha=scale)
+        noise = self.chunk(step, plan.chunk, device)
+        targets = list(plan.targets(flats))
+        for k, start, stop in plan.slices:
+            targets[k] = targets[k][start:stop]
+        torch._foreach_add_(targets, list(plan.parts(noise.split(plan.lengths))), alpha=scale)
+
+    def _threads(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            # One intra-op thread each: several OpenMP teams on the same cores stall each other (and the
+            # training thread's team) for whole scheduler slices.
+            self._pool = ThreadPoolExecutor(
+                max(1, torch.get_num_threads()),
+                thread_name_prefix="gradient-noise",
+                initializer=torch.set_num_threads,
+                initargs=(1,),
+            )
+        return self._pool
+
+    def _plan(
+        self,
+        indices: Sequence[int],
+        layouts: Sequence[Layout | None] | None,
+        contiguous: Sequence[bool] | None,
+        device: torch.device,
+    ) -> tuple[list[_ChunkPlan], list[int]]:
+        """The chunks these gradients overlap, each split at their boundaries; and the gradients that are not one
+        contiguous range of their parameter."""
+        size = self.chunk_size(device)
+        pieces: dict[int, list[tuple[int, int, int, int, int]]] = {}
+        whole = []
+        for position, index in enumerate(indices):
+            layout = layouts[position] if layouts is not None else None
+            span = (0, self.sizes[index]) if layout is None else layout.flat_range()
+            if span is None or (contiguous is not None and not contiguous[position]):
+                whole.append(position)
+                continue
+            first, last = self.offsets[index] + span[0], self.offsets[index] + span[1]
+            for c in range(first // size, -(-last // size)):
+                low, high = max(first, c * size), min(last, (c + 1) * size)
+                pieces.setdefault(c, []).append((low - c * size, high - c * size, position, low - first, high - first))
+        plans = []
+        for c, chunk_pieces in sorted(pieces.items()):
+            lengths: list[int] = []
+            parts, targets, slices = [], [], []
+            cursor = 0
+            for low, high, position, start, stop in sorted(chunk_pieces):
+                if low > cursor:  # numbers of parameters not here (no gradient, or another process's shard)
+                    lengths.append(low - cursor)
+                if (start, stop) != (0, self._span_length(indices[position], layouts, position)):
+                    slices.append((len(targets), start, stop))
+                parts.append(len(lengths))
+                targets.append(position)
+                lengths.append(high - low)
+                cursor = high
+            end = min(size, self.total - c * size)
+            if end > cursor:
+                lengths.append(end - cursor)
+            plans.append(_ChunkPlan(c, tuple(lengths), _picker(parts), _picker(targets), tuple(slices)))
+        return plans, whole
+
+    def _span_length(self, index: int, layouts: Sequence[Layout | None] | None, position: int) -> int:
+        layout = layouts[position] if layouts is not None else None
+        if layout is None:
+            return self.sizes[index]
+        start, stop = layout.flat_range()
+        return stop - start
+
+    def close(self) -> None:
+        """Stop the drawing threads (at the end of fit); they start again when needed."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
 
     def __getstate__(self) -> dict[str, object]:
         # Generators, thread-local storage and threads do not pickle; they are re-made.
-        return {key: value for key, value in self.__dict__.items() if key not in ("_local", "_pool")}
+        return {"seed": self.seed, "sizes": self.sizes, "offsets": self.offsets, "total": self.total}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
-        self._local = threading.local()
-        self._pool = None
+        self._reset()
 
 
 def clip_groups_by_global_norm_(

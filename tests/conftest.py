@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,9 @@ warnings.filterwarnings("ignore", ".*litlogger.*")
 # Every fit with an MLflow logger ends by drawing PNGs (about a second); the suite runs dozens of short fits,
 # so only the tests about the plots draw them (they set LIGHTNING_OPTLOSS_PLOTS=1 with monkeypatch).
 os.environ.setdefault("LIGHTNING_OPTLOSS_PLOTS", "0")
+# DeepSpeed compiles a small C++ op at its first start on a CPU; kept with the environment it was built for
+# (another environment sharing ~/.cache/torch_extensions would make every start rebuild it).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -1,6 +1,7 @@
-"""Two CPU processes (gloo) against one: DDP, ddp_spawn and FSDP2 give the same weights and summaries.
+"""Two CPU processes (gloo) against one: DDP, ddp_spawn, FSDP1, FSDP2 and DeepSpeed ZeRO 1/2/3 give the same
+weights and summaries.
 
-Each run is ``tests/distributed/train.py`` in a fresh process, under ``torchrun`` for DDP and FSDP2: the
+Each run is ``tests/distributed/train.py`` in a fresh process, under ``torchrun`` but for ``ddp_spawn``: the
 same model, data and OptimizeLoss configuration; the two-process runs split every global batch of 8 into
 two halves (an explicit ``DistributedSampler(shuffle=False)``). Replicas must be bit-identical, and weights
 and every summary must match the one-process run to rtol 1e-5.
@@ -86,18 +87,34 @@ def assert_same_run(reference: dict[str, Any], result: dict[str, Any]) -> None:
                 assert math.isclose(ours, theirs, rel_tol=RTOL, abs_tol=RTOL * scale + 1e-9), (key, step, ours, theirs)
 
 
+class SingleRuns(dict):
+    """The one-process reference run of each feature set, made the first time a test asks for it."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, name: str) -> dict[str, Any]:
+        self[name] = run("single", {**TF_FEATURES, **BEYOND_TF}[name], self.root / name)
+        return self[name]
+
+
 @pytest.fixture(scope="module")
-def single_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    root = tmp_path_factory.mktemp("single")
-    return {name: run("single", features, root / name) for name, features in {**TF_FEATURES, **BEYOND_TF}.items()}
+def single_runs(tmp_path_factory: pytest.TempPathFactory) -> SingleRuns:
+    return SingleRuns(tmp_path_factory.mktemp("single"))
+
+
+# The default suite runs each strategy with the TF features; `make test-slow` (CI runs it too) adds the rest.
+SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize("features", list(TF_FEATURES))
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp1", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp1", marks=SLOW), "fsdp2"])
 def test_two_processes_match_one_with_tf_features(strategy, features, single_runs, tmp_path):
     assert_same_run(single_runs[features], run(strategy, TF_FEATURES[features], tmp_path))
 
 
+@SLOW
 @pytest.mark.parametrize("features", list(BEYOND_TF))
 def test_ddp_matches_one_process_with_beyond_tf_features(features, single_runs, tmp_path):
     result = run("ddp", BEYOND_TF[features], tmp_path)
@@ -113,16 +130,18 @@ def test_ddp_matches_one_process_with_beyond_tf_features(features, single_runs, 
         assert "OptimizeLoss/global_norm/w_/clipped_gradient_norm" in metrics
 
 
+@SLOW
 def test_fsdp2_agc_clips_sharded_rows_like_one_process(single_runs, tmp_path):
     assert_same_run(single_runs["agc+annealed+warmup"], run("fsdp2", BEYOND_TF["agc+annealed+warmup"], tmp_path))
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [pytest.param(1, marks=SLOW), 2, 3])
 def test_deepspeed_zero_stages_match_one_process(stage, single_runs, tmp_path):
     pytest.importorskip("deepspeed")
     assert_same_run(single_runs["float"], run(f"deepspeed{stage}", TF_FEATURES["float"], tmp_path))
 
 
+@SLOW
 def test_deepspeed_processes_the_accumulated_gradient_once_per_optimizer_step(tmp_path):
     pytest.importorskip("deepspeed")
     features = {**TF_FEATURES["adaptive"], "accumulate": 2, "batches_per_epoch": 8}

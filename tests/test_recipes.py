@@ -29,8 +29,8 @@ ON_CPU = {
     [
         ("ddp.yaml", "ddp"),
         ("fsdp.yaml", "fsdp2"),
-        ("deepspeed_zero2.yaml", "deepspeed-zero2"),
-        ("deepspeed_zero3.yaml", "deepspeed-zero3"),
+        pytest.param("deepspeed_zero2.yaml", "deepspeed-zero2", marks=pytest.mark.slow),
+        pytest.param("deepspeed_zero3.yaml", "deepspeed-zero3", marks=pytest.mark.slow),
     ],
 )
 def test_recipe_trains_on_two_cpu_processes_and_logs_to_mlflow(config, run_name, tmp_path):
