@@ -31,6 +31,7 @@ TF_FEATURES = {  # TF's pipeline: noise, multipliers, then float or adaptive cli
     "float": {"noise": 0.05, "multipliers": {"w1": 0.5, "b2": 2.0}, "clip": 1.0, "decay": "exponential"},
     "adaptive": {"noise": 0.05, "multipliers": {"w1": 0.5}, "clip": "adaptive"},
 }
+ACCUMULATED = {"accumulated": {**TF_FEATURES["adaptive"], "accumulate": 2, "batches_per_epoch": 8}}
 BEYOND_TF = {  # what came after TF
     "agc+annealed+warmup": {"noise": "annealed", "clip": "agc", "decay": "warmup_cosine"},
     "autoclip": {"clip": "autoclip", "optimizer": "SGD"},
@@ -95,7 +96,8 @@ class SingleRuns(dict):
         self.root = root
 
     def __missing__(self, name: str) -> dict[str, Any]:
-        self[name] = run("single", {**TF_FEATURES, **BEYOND_TF}[name], self.root / name)
+        features = {**TF_FEATURES, **BEYOND_TF, **ACCUMULATED}[name]
+        self[name] = run("single", features, self.root / name, steps=4 if name in ACCUMULATED else 6)
         return self[name]
 
 
@@ -128,6 +130,30 @@ def test_ddp_matches_one_process_with_beyond_tf_features(features, single_runs, 
         assert result["states"][0]["clip_gradients"]["count"] == 6
     if features == "groups":
         assert "OptimizeLoss/global_norm/w_/clipped_gradient_norm" in metrics
+
+
+@SLOW
+@pytest.mark.parametrize("features", ["autoclip", "groups"])
+@pytest.mark.parametrize("strategy", ["fsdp1", "fsdp2", "deepspeed2", "deepspeed3"])
+def test_sharded_strategies_match_one_process_with_beyond_tf_features(strategy, features, single_runs, tmp_path):
+    if strategy.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    assert_same_run(single_runs[features], run(strategy, BEYOND_TF[features], tmp_path))
+
+
+@SLOW
+def test_deepspeed_zero2_agc_and_annealed_noise_match_one_process(single_runs, tmp_path):
+    pytest.importorskip("deepspeed")
+    features = "agc+annealed+warmup"
+    assert_same_run(single_runs[features], run("deepspeed2", BEYOND_TF[features], tmp_path))
+
+
+@SLOW
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp1", "fsdp2"])
+def test_gradient_accumulation_on_two_processes_matches_one(strategy, single_runs, tmp_path):
+    result = run(strategy, ACCUMULATED["accumulated"], tmp_path, steps=4)
+    assert_same_run(single_runs["accumulated"], result)
+    assert sorted(map(int, result["metrics"]["OptimizeLoss/loss"])) == [0, 1, 2, 3]  # one record per update
 
 
 @SLOW
