@@ -11,17 +11,17 @@
 - :class:`MLFlowLogger`: Lightning's MLflow logger with the server calls off the training thread, surviving outages.
 """
 
-from lightning_optloss import decay
-from lightning_optloss.adaptive_clipping import AdaptiveClipping, adaptive_clipping_fn
-from lightning_optloss.agc import UnitwiseClipping, agc_clipping_fn
-from lightning_optloss.autoclip import AutoClipping, autoclip_fn
 from lightning_optloss.callback import OptimizeLoss
-from lightning_optloss.configure import LearningRateDecay, configure_optimizers
-from lightning_optloss.mlflow_logger import MLFlowLogger
-from lightning_optloss.noise_schedules import AnnealedNoiseScale, annealed_noise_scale
-from lightning_optloss.optimizers import OPTIMIZER_CLS_NAMES
+from lightning_optloss.common.transfers import add_transfer_hook
+from lightning_optloss.gradients.adaptive_clipping import AdaptiveClipping, adaptive_clipping_fn
+from lightning_optloss.gradients.agc import UnitwiseClipping, agc_clipping_fn
+from lightning_optloss.gradients.autoclip import AutoClipping, autoclip_fn
+from lightning_optloss.gradients.noise_schedules import AnnealedNoiseScale, annealed_noise_scale
+from lightning_optloss.mlflow.logger import MLFlowLogger
 from lightning_optloss.summaries import OPTIMIZER_SUMMARIES
-from lightning_optloss.transfers import add_transfer_hook
+from lightning_optloss.tf import decay
+from lightning_optloss.tf.configure import LearningRateDecay, configure_optimizers
+from lightning_optloss.tf.optimizers import OPTIMIZER_CLS_NAMES
 
 __version__ = "0.1.0"
 

@@ -16,10 +16,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_optloss import artifacts, histograms, mlflow_io, run_info, strategies, transfers, transforms, validation
-from lightning_optloss.configure import LearningRateDecay
-from lightning_optloss.mlflow_logger import warn_if_stock_mlflow_logger
-from lightning_optloss.parameters import ModuleParameters, NamedParameter, ParameterKey
+from lightning_optloss.common import transfers, validation
+from lightning_optloss.common.parameters import ModuleParameters, NamedParameter, ParameterKey
+from lightning_optloss.distributed import strategies
+from lightning_optloss.gradients import clipping, histograms
+from lightning_optloss.gradients.noise import GradientNoise
+from lightning_optloss.mlflow import artifacts, run_info
+from lightning_optloss.mlflow import io as mlflow_io
+from lightning_optloss.mlflow.logger import warn_if_stock_mlflow_logger
 from lightning_optloss.pipeline import (
     NONFINITE_MODES,
     ClipFn,
@@ -31,6 +35,7 @@ from lightning_optloss.pipeline import (
 )
 from lightning_optloss.summaries import SummaryRecord, deliver, metric_key, metric_keys
 from lightning_optloss.summaries import validate as validate_summaries
+from lightning_optloss.tf.configure import LearningRateDecay
 
 _OWNER = "OptimizeLoss"
 _SEED_LIMIT = 1 << 63
@@ -59,7 +64,7 @@ class OptimizeLoss(Callback):
             (zero mean, cut at 2 standard deviations, so its std is ``0.88 * scale``). Default None (off).
             A callable of the global step returning the scale gives a noise schedule.
             Unlike TF, the noise is drawn from generators seeded by ``(seed, global step, chunk)``, chunks of
-            the processed parameters' concatenation (:class:`~lightning_optloss.transforms.GradientNoise`):
+            the processed parameters' concatenation (:class:`~lightning_optloss.gradients.noise.GradientNoise`):
             identical on every data-parallel replica, the same for any sharding, and reproduced on resume.
         gradient_multipliers: ``{parameter or parameter name: factor}``; each listed gradient is multiplied.
             Unlike TF, a key that names no parameter (a typo) is an error at ``setup``.
@@ -223,7 +228,7 @@ class OptimizeLoss(Callback):
         noise = None
         if self.gradient_noise_scale is not None:
             sizes = self._access.full_sizes([entry.param for entry in params])
-            noise = transforms.GradientNoise(
+            noise = GradientNoise(
                 self._resolved_seed, {entry.index: size for entry, size in zip(params, sizes, strict=True)}
             )
         # Every rank computes the histograms (sharded ones need a collective); rank 0 keeps them.
@@ -256,7 +261,7 @@ class OptimizeLoss(Callback):
         """Per-group clipping: ``{parameter index: group}``; a callable's ``exclude`` globs checked by name."""
         names = [entry.name for entry in params]
         if isinstance(self.clip_gradients, dict):
-            group_of = transforms.resolve_clip_groups(_OWNER, self.clip_gradients, names)
+            group_of = clipping.resolve_clip_groups(_OWNER, self.clip_gradients, names)
             return {entry.index: group for entry, group in zip(params, group_of, strict=True)}
         if hasattr(self.clip_gradients, "validate_names"):
             self.clip_gradients.validate_names(names)

@@ -1,6 +1,6 @@
 """One optimizer step of TF's ``optimize_loss`` on the gradients of some parameters.
 
-:class:`GradientPipeline` composes the transforms of :mod:`lightning_optloss.transforms` in TF's order
+:class:`GradientPipeline` composes the transforms of :mod:`lightning_optloss.gradients` in TF's order
 (noise → multipliers → non-finite check → clipping) and builds the step's summaries; the callback decides
 when it runs, with which global step, and where the summaries go. Nothing here copies to the host, except
 ``on_nonfinite="skip"`` / ``"raise"``, which must know before the update whether the gradients are finite.
@@ -18,9 +18,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_optloss import histograms, transforms, validation
-from lightning_optloss.parameters import NamedParameter
-from lightning_optloss.strategies import GradientAccess, Layout
+from lightning_optloss.common import validation
+from lightning_optloss.common.parameters import NamedParameter
+from lightning_optloss.distributed.strategies import GradientAccess, Layout
+from lightning_optloss.gradients import clipping, histograms, statistics
+from lightning_optloss.gradients.multipliers import multiply_
+from lightning_optloss.gradients.noise import GradientNoise
+from lightning_optloss.gradients.norms import global_norm, parameter_norms
 from lightning_optloss.summaries import GRADIENT_STATISTICS, SummaryRecord, metric_key
 
 ClipFn = Callable[..., Sequence[tuple[Tensor | None, Tensor]]]
@@ -125,7 +129,7 @@ class GradientPipeline:
         self,
         *,
         name: str,
-        noise: transforms.GradientNoise | None,
+        noise: GradientNoise | None,
         noise_scale: NoiseScale | None,
         multipliers: dict[int, float],
         clip: float | ClipFn | ClipGroups | None,
@@ -201,9 +205,9 @@ class GradientPipeline:
         # With float clipping the multipliers go into the clipping pass (a norm scales with its multiplier).
         fused = multipliers is not None and isinstance(self.clip, float)
         if multipliers is not None and not fused:
-            transforms.multiply_(grads, multipliers)
+            multiply_(grads, multipliers)
         sum_over_shards = self._sum_over_shards(gradients)
-        norms = transforms.parameter_norms(grads, sum_over_shards)
+        norms = parameter_norms(grads, sum_over_shards)
         if fused:
             norms = norms * self._multiplier_magnitudes(gradients, multipliers, norms)
         outcome = StepOutcome(SummaryRecord(step) if logging else None)
@@ -263,7 +267,7 @@ class GradientPipeline:
         if clip is None:
             return norms
         if isinstance(clip, float):
-            factor = transforms.clip_by_global_norm_(grads, clip, transforms.global_norm(norms), multipliers)
+            factor = clipping.clip_by_global_norm_(grads, clip, global_norm(norms), multipliers)
             return norms * factor
         if isinstance(clip, dict):
             return self._clip_groups(gradients, norms, record)
@@ -271,7 +275,7 @@ class GradientPipeline:
         if "global_step" in self.clip_keywords:
             keywords["global_step"] = step
         if "global_norm" in self.clip_keywords:
-            keywords["global_norm"] = transforms.global_norm(norms)
+            keywords["global_norm"] = global_norm(norms)
         if "names" in self.clip_keywords:
             keywords["names"] = [entry.name for entry in gradients.entries]
         if "all_reduce_sum" in self.clip_keywords:
@@ -281,13 +285,13 @@ class GradientPipeline:
         for grad, new in zip(grads, clipped_gradients(clip, pairs, returned), strict=True):
             if new is not grad:
                 grad.copy_(new)
-        return transforms.parameter_norms(grads, sum_over_shards)
+        return parameter_norms(grads, sum_over_shards)
 
     def _clip_groups(self, gradients: StepGradients, norms: Tensor, record: SummaryRecord | None) -> Tensor:
         """Per-group clipping: each glob's parameters clipped by their own global norm."""
         group_of = [self.clip_groups.get(entry.index, -1) for entry in gradients.entries]
         clip_norms = list(self.clip.values())
-        group_norms, factors = transforms.clip_groups_by_global_norm_(gradients.grads, group_of, clip_norms, norms)
+        group_norms, factors = clipping.clip_groups_by_global_norm_(gradients.grads, group_of, clip_norms, norms)
         if record is not None and self.global_norms_logged:
             tags = [f"{self.name}/global_norm/{key}/gradient_norm" for key in self.group_keys]
             record.add_rows(tags, group_norms)
@@ -304,22 +308,22 @@ class GradientPipeline:
         if callable(self.noise_scale):
             record.add(f"{self.name}/gradient_noise_scale", scale)
         if self.global_norms_logged:
-            record.add(f"{self.name}/global_norm/gradient_norm", transforms.global_norm(norms))
+            record.add(f"{self.name}/global_norm/gradient_norm", global_norm(norms))
 
     def _record_after_clipping(self, record: SummaryRecord, gradients: StepGradients, norms: Tensor) -> None:
         for tag, value in getattr(self.clip, "summaries", dict)().items():
             record.add(f"{self.name}/{tag}", value)
         keys = [self.metric_keys[entry.index] for entry in gradients.entries]
         if self.clip is not None and self.global_norms_logged:
-            record.add(f"{self.name}/global_norm/clipped_gradient_norm", transforms.global_norm(norms))
+            record.add(f"{self.name}/global_norm/clipped_gradient_norm", global_norm(norms))
         if "gradient_norm" in self.summaries:
             record.add_rows([f"{self.name}/gradient_norm/{key}" for key in keys], norms)
         if "gradients" in self.summaries:
-            moments = transforms.local_moments(gradients.grads, norms.dtype)
+            moments = statistics.local_moments(gradients.grads, norms.dtype)
             if gradients.sharded:
-                moments = self.access.combine_over_shards(moments, gradients.layouts, transforms.combine_moments)
+                moments = self.access.combine_over_shards(moments, gradients.layouts, statistics.combine_moments)
             tags = [f"{self.name}/gradients/{key}/{statistic}" for key in keys for statistic in GRADIENT_STATISTICS]
-            record.add_rows(tags, transforms.gradient_statistics(moments, norms))
+            record.add_rows(tags, statistics.gradient_statistics(moments, norms))
             if self.histograms:
                 record.add_histograms([entry.name for entry in gradients.entries], self._histograms(gradients, moments))
 

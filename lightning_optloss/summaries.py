@@ -3,7 +3,7 @@
 TF wrote summaries to TensorBoard event files; here they go to every logger of the Trainer (MLflow loggers
 first) as metrics, under TF's tags with the callback's ``name`` as prefix. MLflow has no histogram type,
 so TF's ``gradients`` histograms become statistics metrics (``.../gradients/<param>/mean`` ...) plus, with an
-MLflow logger, binned histograms (:mod:`lightning_optloss.histograms`) that travel in the same transfer and
+MLflow logger, binned histograms (:mod:`lightning_optloss.gradients.histograms`) that travel in the same transfer and
 become run artifacts.
 """
 
@@ -17,8 +17,8 @@ import torch
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from torch import Tensor
 
-from lightning_optloss import transfers, validation
-from lightning_optloss.histograms import Histogram
+from lightning_optloss.common import transfers, validation
+from lightning_optloss.gradients.histograms import Histogram
 
 OPTIMIZER_SUMMARIES = ["learning_rate", "loss", "gradients", "gradient_norm", "global_gradient_norm"]
 DEFAULT_SUMMARIES = ["loss", "learning_rate", "global_gradient_norm"]
@@ -67,7 +67,7 @@ class SummaryRecord:
     """The summaries of one optimizer step, still on the device until :meth:`resolve`.
 
     ``step`` is the global step at which the gradients were computed (0 for the first update). Histogram
-    tables (:func:`~lightning_optloss.histograms.histogram_table`) travel in the same single copy;
+    tables (:func:`~lightning_optloss.gradients.histograms.histogram_table`) travel in the same single copy;
     :meth:`resolve` leaves them in :attr:`histograms`.
     """
 

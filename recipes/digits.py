@@ -11,7 +11,7 @@ from lightning.pytorch import LightningDataModule
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_optloss.demo import DigitsClassifier
+from lightning_optloss.demos.demo import DigitsClassifier
 
 
 class DigitsModel(DigitsClassifier):

@@ -12,8 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_optloss import UnitwiseClipping, agc_clipping_fn, validation
-from lightning_optloss.agc import CLIPPED_FRACTION_TAG
+from lightning_optloss import UnitwiseClipping, agc_clipping_fn
+from lightning_optloss.common import validation
+from lightning_optloss.gradients.agc import CLIPPED_FRACTION_TAG
 
 
 def agc_reference(grad: torch.Tensor, param: torch.Tensor, clip_factor: float, eps: float) -> tuple[np.ndarray, int]:

@@ -13,8 +13,9 @@ from mlflow import MlflowClient
 from PIL import Image
 from support import TinyRegression, make_trainer, metric_history, regression_data
 
-from lightning_optloss import OPTIMIZER_SUMMARIES, OptimizeLoss, adaptive_clipping_fn, add_transfer_hook, plots
-from lightning_optloss.artifacts import Thinned, largest_parameter_histograms
+from lightning_optloss import OPTIMIZER_SUMMARIES, OptimizeLoss, adaptive_clipping_fn, add_transfer_hook
+from lightning_optloss.mlflow import plots
+from lightning_optloss.mlflow.artifacts import Thinned, largest_parameter_histograms
 
 PARAMS = {"w1": 32, "b1": 8, "w2": 24, "b2": 3}  # TinyRegression's parameters and sizes
 PLOTS = ["gradient_histograms.png", "gradient_norms.png", "training_curves.png"]

@@ -16,7 +16,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from support import TinyRegression, make_trainer, metric_history, regression_data
 from test_callback import RecordBatches
 
-from lightning_optloss import OptimizeLoss, agc_clipping_fn, annealed_noise_scale, autoclip_fn, decay
+from lightning_optloss import OptimizeLoss, agc_clipping_fn, annealed_noise_scale, autoclip_fn
+from lightning_optloss.tf import decay
 
 
 def fit(callback, steps=6, logger=False, model=None, **kwargs):

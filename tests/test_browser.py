@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from support import REPOSITORY
 
-from lightning_optloss import example
+from lightning_optloss.demos import example
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 

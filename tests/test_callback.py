@@ -13,7 +13,8 @@ from lightning.pytorch.loggers import CSVLogger
 from mlflow import MlflowClient
 from support import LossScaledAt, TinyRegression, make_trainer, metric_history, regression_data
 
-from lightning_optloss import OPTIMIZER_SUMMARIES, OptimizeLoss, adaptive_clipping_fn, add_transfer_hook, decay
+from lightning_optloss import OPTIMIZER_SUMMARIES, OptimizeLoss, adaptive_clipping_fn, add_transfer_hook
+from lightning_optloss.tf import decay
 
 ALL_PARAMS = ["w1", "b1", "w2", "b2"]
 

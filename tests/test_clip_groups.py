@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_optloss import transforms
+from lightning_optloss.gradients import clipping
+from lightning_optloss.gradients.norms import parameter_norms
 
 NAMES = ["encoder.embed.weight", "encoder.layer1.weight", "encoder.layer1.bias", "head.weight", "head.bias", "scale"]
 
@@ -21,8 +22,8 @@ def _grads(seed: int = 0, scale: float = 1.0) -> list[torch.Tensor]:
 
 
 def _clip(grads, group_of, clip_norms):
-    norms = transforms.parameter_norms(grads)
-    return transforms.clip_groups_by_global_norm_(grads, group_of, clip_norms, norms)
+    norms = parameter_norms(grads)
+    return clipping.clip_groups_by_global_norm_(grads, group_of, clip_norms, norms)
 
 
 def test_each_group_is_clipped_as_torch_clip_grad_norm_clips_it_alone():
@@ -122,17 +123,17 @@ def test_every_group_ends_within_its_clip_norm(groups, clip_norms, scale, seed):
 
 def test_resolve_gives_each_name_its_first_matching_pattern_or_minus_one():
     patterns = {"encoder.layer1.*": 1.0, "encoder.*": 5.0, "*.bias": 0.5}
-    assert transforms.resolve_clip_groups("OptimizeLoss", patterns, NAMES) == [1, 0, 0, -1, 2, -1]
+    assert clipping.resolve_clip_groups("OptimizeLoss", patterns, NAMES) == [1, 0, 0, -1, 2, -1]
 
 
 def test_resolve_is_case_sensitive():
     with pytest.raises(ValueError, match=r"'Head\.\*', which matches no parameter name"):
-        transforms.resolve_clip_groups("OptimizeLoss", {"Head.*": 1.0}, NAMES)
+        clipping.resolve_clip_groups("OptimizeLoss", {"Head.*": 1.0}, NAMES)
 
 
 def test_a_pattern_that_matches_nothing_is_an_error_naming_close_names():
     with pytest.raises(ValueError) as error:
-        transforms.resolve_clip_groups("OptimizeLoss", {"encoder.*": 1.0, "head.weigth": 2.0}, NAMES)
+        clipping.resolve_clip_groups("OptimizeLoss", {"encoder.*": 1.0, "head.weigth": 2.0}, NAMES)
     message = str(error.value)
     assert message.startswith("OptimizeLoss: `clip_gradients` has the pattern 'head.weigth'")
     assert "close names: 'head.weight'" in message
@@ -140,12 +141,12 @@ def test_a_pattern_that_matches_nothing_is_an_error_naming_close_names():
 
 def test_a_pattern_far_from_every_name_lists_the_names():
     with pytest.raises(ValueError, match=r"the names are 'encoder\.embed\.weight', 'encoder\.layer1\.weight'"):
-        transforms.resolve_clip_groups("OptimizeLoss", {"zzz*": 1.0}, NAMES)
+        clipping.resolve_clip_groups("OptimizeLoss", {"zzz*": 1.0}, NAMES)
 
 
 def test_a_pattern_shadowed_by_an_earlier_one_is_an_error():
     with pytest.raises(ValueError) as error:
-        transforms.resolve_clip_groups("OptimizeLoss", {"encoder.*": 1.0, "encoder.layer1.*": 5.0}, NAMES)
+        clipping.resolve_clip_groups("OptimizeLoss", {"encoder.*": 1.0, "encoder.layer1.*": 5.0}, NAMES)
     message = str(error.value)
     assert "'encoder.layer1.*', which matches only parameters that an earlier pattern takes" in message
     assert "'encoder.layer1.weight' goes to 'encoder.*'" in message
@@ -153,7 +154,7 @@ def test_a_pattern_shadowed_by_an_earlier_one_is_an_error():
 
 def test_the_argument_name_can_be_given():
     with pytest.raises(ValueError, match=r"^Owner: `clip_groups` has the pattern 'x'"):
-        transforms.resolve_clip_groups("Owner", {"x": 1.0}, NAMES, argument="clip_groups")
+        clipping.resolve_clip_groups("Owner", {"x": 1.0}, NAMES, argument="clip_groups")
 
 
 @pytest.mark.parametrize(
@@ -172,14 +173,14 @@ def test_the_argument_name_can_be_given():
 )
 def test_invalid_patterns_are_rejected_naming_the_pattern_and_value(patterns, shown):
     with pytest.raises(ValueError) as error:
-        transforms.resolve_clip_groups("OptimizeLoss", patterns, NAMES)
+        clipping.resolve_clip_groups("OptimizeLoss", patterns, NAMES)
     assert str(error.value).startswith("OptimizeLoss: ")
     assert shown in str(error.value)
 
 
 def test_resolved_groups_feed_the_transform():
     patterns = {"encoder.*": 1.0, "head.*": 0.1}
-    group_of = transforms.resolve_clip_groups("OptimizeLoss", patterns, NAMES)
+    group_of = clipping.resolve_clip_groups("OptimizeLoss", patterns, NAMES)
     grads = _grads(scale=10.0)
     _clip(grads, group_of, list(patterns.values()))
     head = torch.linalg.vector_norm(torch.cat([grads[3].reshape(-1), grads[4].reshape(-1)]))

@@ -11,7 +11,8 @@ from lightning.pytorch.loggers import MLFlowLogger
 from PIL import Image
 from support import TinyRegression, make_trainer, regression_data, subprocess_environment
 
-from lightning_optloss import OptimizeLoss, adaptive_clipping_fn, compare
+from lightning_optloss import OptimizeLoss, adaptive_clipping_fn
+from lightning_optloss.mlflow import compare
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_a_mistyped_store_path_is_an_error_not_a_new_store(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_the_module_runs_as_a_command_and_exits_with_2_for_an_unknown_run(tracking_uri, tmp_path):
-    command = [sys.executable, "-m", "lightning_optloss.compare", "feedbeef", "--tracking-uri", tracking_uri]
+    command = [sys.executable, "-m", "lightning_optloss.mlflow.compare", "feedbeef", "--tracking-uri", tracking_uri]
     finished = subprocess.run(
         command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=subprocess_environment(), check=False
     )

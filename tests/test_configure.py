@@ -11,8 +11,9 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from support import TinyRegression, make_trainer, metric_history, regression_data
 
-from lightning_optloss import OPTIMIZER_CLS_NAMES, LearningRateDecay, configure_optimizers, decay
-from lightning_optloss.optimizers import TFAdagrad, TFMomentum
+from lightning_optloss import OPTIMIZER_CLS_NAMES, LearningRateDecay, configure_optimizers
+from lightning_optloss.tf import decay
+from lightning_optloss.tf.optimizers import TFAdagrad, TFMomentum
 
 
 def test_names_build_tf_optimizers_with_tf_defaults():

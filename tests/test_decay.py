@@ -21,7 +21,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_optloss import decay, validation
+from lightning_optloss.common import validation
+from lightning_optloss.tf import decay
 
 FIXTURE = Path(__file__).parent / "reference" / "fixtures" / "decay.json"
 LR = 0.1

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_optloss.delivery import Backoff, Delivery, Record
+from lightning_optloss.mlflow.delivery import Backoff, Delivery, Record
 
 FAST = Backoff(initial=0.02, maximum=0.08)
 

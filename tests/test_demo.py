@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mlflow import MlflowClient
 
-from lightning_optloss import demo
+from lightning_optloss.demos import demo
 
 
 def test_demo_trains_and_logs_every_summary_to_a_new_sqlite_store(tmp_path, capsys):

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from PIL import Image
 from support import REPOSITORY
 
-from lightning_optloss import example
+from lightning_optloss.demos import example
 
 COMMITTED = REPOSITORY / "mlruns_example"
 PLOTS = ["gradient_histograms.png", "gradient_norms.png", "training_curves.png"]

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_optloss import add_transfer_hook
-from lightning_optloss.histograms import HISTOGRAM_BINS, Histogram, histogram_table
+from lightning_optloss.gradients.histograms import HISTOGRAM_BINS, Histogram, histogram_table
 from lightning_optloss.summaries import SummaryRecord
 
 

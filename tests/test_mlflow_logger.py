@@ -24,8 +24,9 @@ from mlflow_server import MlflowServer
 from support import TinyRegression, make_trainer, metric_history, regression_data
 from torch import Tensor
 
-from lightning_optloss import MLFlowLogger, OptimizeLoss, mlflow_replay
-from lightning_optloss.mlflow_logger import replay_command
+from lightning_optloss import MLFlowLogger, OptimizeLoss
+from lightning_optloss.mlflow import replay as mlflow_replay
+from lightning_optloss.mlflow.logger import replay_command
 
 SUMMARIES = ("OptimizeLoss/loss", "OptimizeLoss/learning_rate", "OptimizeLoss/global_norm/gradient_norm")
 HPARAMS = {"width": 8, "optimizer": "SGD"}

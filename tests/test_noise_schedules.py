@@ -11,7 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_optloss import AnnealedNoiseScale, annealed_noise_scale, transforms
+from lightning_optloss import AnnealedNoiseScale, annealed_noise_scale
+from lightning_optloss.gradients.noise import GradientNoise, truncated_normal
 
 TRUNCATED_STD = 0.8796256610342398
 
@@ -46,14 +47,14 @@ def test_the_constant_is_the_std_of_a_normal_truncated_at_two_sigma():
     phi = math.exp(-a * a / 2) / math.sqrt(2 * math.pi)
     mass = math.erf(a / math.sqrt(2))
     assert math.sqrt(1 - 2 * a * phi / mass) == pytest.approx(TRUNCATED_STD, rel=1e-12)
-    assert transforms.GradientNoise.truncated_std == TRUNCATED_STD
+    assert GradientNoise.truncated_std == TRUNCATED_STD
 
 
 def test_with_match_paper_std_optimize_losss_noise_has_std_sigma_t():
     scale = annealed_noise_scale(eta=0.3, match_paper_std=True)
     sigma = paper_sigma(0.3, 0.55, 7)
     generator = torch.Generator().manual_seed(0)
-    noise = transforms.truncated_normal((200_000,), generator, torch.device("cpu")) * scale(7)
+    noise = truncated_normal((200_000,), generator, torch.device("cpu")) * scale(7)
     assert float(noise.std()) == pytest.approx(sigma, rel=0.01)
 
 

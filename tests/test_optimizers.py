@@ -1,4 +1,4 @@
-"""Tests for ``lightning_optloss.optimizers``: TF1's update rules, state, closure and validation.
+"""Tests for ``lightning_optloss.tf.optimizers``: TF1's update rules, state, closure and validation.
 
 The references below are TF1's kernels (``training_ops.cc``) written out in NumPy float32, one array
 at a time, in TF's order of operations; hyperparameters are float32 as in TF's graph.
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_optloss.optimizers import (
+from lightning_optloss.tf.optimizers import (
     OPTIMIZER_CLS_NAMES,
     TFAdagrad,
     TFAdam,

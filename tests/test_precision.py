@@ -16,7 +16,8 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from support import LossScaledAt, TinyRegression, make_trainer, metric_history, regression_data
 
-from lightning_optloss import OPTIMIZER_SUMMARIES, OptimizeLoss, adaptive_clipping_fn, decay
+from lightning_optloss import OPTIMIZER_SUMMARIES, OptimizeLoss, adaptive_clipping_fn
+from lightning_optloss.tf import decay
 
 
 class Observe(pl.Callback):

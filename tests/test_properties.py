@@ -11,7 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from lightning_optloss import transforms
+from lightning_optloss.gradients import clipping, multipliers, statistics
+from lightning_optloss.gradients.noise import GradientNoise
+from lightning_optloss.gradients.norms import global_norm, parameter_norms
 
 shapes = st.lists(st.integers(1, 6), min_size=0, max_size=3).map(tuple)
 finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
@@ -33,7 +35,7 @@ def _global_norm(grads: list[torch.Tensor]) -> float:
 def test_after_float_clipping_the_global_norm_is_at_most_c(arrays_, clip):
     grads = _tensors(arrays_)
     before = _global_norm(grads)
-    transforms.clip_by_global_norm_(grads, clip, transforms.global_norm(transforms.parameter_norms(grads)))
+    clipping.clip_by_global_norm_(grads, clip, global_norm(parameter_norms(grads)))
     after = _global_norm(grads)
     assert after <= clip * (1 + 1e-5)
     if before <= clip:  # small gradients are left as they were
@@ -50,7 +52,7 @@ def test_multipliers_are_linear(arrays_, data):
     y = [torch.full_like(t, 0.5) for t in x]
     combined = [alpha * a + b for a, b in zip(x, y, strict=True)]
     for grads in (x, y, combined):
-        transforms.multiply_(grads, factors)
+        multipliers.multiply_(grads, factors)
     for c, a, b in zip(combined, x, y, strict=True):
         torch.testing.assert_close(c, alpha * a + b, rtol=1e-12, atol=1e-9)
 
@@ -64,19 +66,19 @@ def test_multipliers_are_linear(arrays_, data):
 )
 def test_truncated_normal_noise_has_mean_0_std_088_scale_and_is_cut_at_two_scales(seed, step, index, scale):
     grads = [torch.zeros(40_000)]
-    transforms.GradientNoise(seed, {index: 40_000}).add_(grads, [index], step, scale)
+    GradientNoise(seed, {index: 40_000}).add_(grads, [index], step, scale)
     noise = grads[0].double() / scale
     assert float(noise.abs().max()) <= 2.0 + 1e-6
     # 40,000 samples: the mean's standard error is 0.0044 and the std's 0.0022 (4.5 of them allowed).
     assert abs(float(noise.mean())) < 0.02
-    assert float(noise.std()) == pytest.approx(transforms.GradientNoise.truncated_std, abs=0.01)
+    assert float(noise.std()) == pytest.approx(GradientNoise.truncated_std, abs=0.01)
 
 
 @settings(max_examples=100, deadline=None)
 @given(gradient_lists, st.integers(1, 4))
 def test_moments_combine_over_any_split(arrays_, parts):
     grads = _tensors(arrays_)
-    whole = transforms.local_moments(grads, torch.float64)
+    whole = statistics.local_moments(grads, torch.float64)
     shards = [
         [
             torch.chunk(g.reshape(-1), parts)[i] if i < len(torch.chunk(g.reshape(-1), parts)) else g.reshape(-1)[:0]
@@ -84,5 +86,5 @@ def test_moments_combine_over_any_split(arrays_, parts):
         ]
         for i in range(parts)
     ]
-    combined = transforms.combine_moments(torch.stack([transforms.local_moments(s, torch.float64) for s in shards]))
+    combined = statistics.combine_moments(torch.stack([statistics.local_moments(s, torch.float64) for s in shards]))
     torch.testing.assert_close(combined, whole, rtol=1e-9, atol=1e-9 * max(1.0, float(whole[:, 2].abs().max())))

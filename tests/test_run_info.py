@@ -11,16 +11,10 @@ import torch
 from mlflow import MlflowClient
 from support import TinyRegression, make_trainer, regression_data
 
-from lightning_optloss import (
-    OPTIMIZER_SUMMARIES,
-    OptimizeLoss,
-    __version__,
-    adaptive_clipping_fn,
-    configure_optimizers,
-    decay,
-    run_info,
-)
-from lightning_optloss.mlflow_io import MAX_PARAM_VAL_LENGTH
+from lightning_optloss import OPTIMIZER_SUMMARIES, OptimizeLoss, __version__, adaptive_clipping_fn, configure_optimizers
+from lightning_optloss.mlflow import run_info
+from lightning_optloss.mlflow.io import MAX_PARAM_VAL_LENGTH
+from lightning_optloss.tf import decay
 
 
 def fit(callback, logger, model=None, steps=2):
@@ -66,12 +60,12 @@ def test_callback_optimizer_and_schedule_are_params_with_the_documented_keys(mlf
         "optimize_loss.update_ops": "None",
         "optimize_loss.colocate_gradients_with_ops": "False",
         "optimize_loss.histogram_bins": "30",
-        "optimize_loss.optimizer": "lightning_optloss.optimizers.TFAdam",
+        "optimize_loss.optimizer": "lightning_optloss.tf.optimizers.TFAdam",
         "optimize_loss.optimizer.lr": "0.01",
         "optimize_loss.optimizer.beta1": "0.9",
         "optimize_loss.optimizer.beta2": "0.999",
         "optimize_loss.optimizer.epsilon": "1e-08",
-        "optimize_loss.learning_rate_decay_fn": "lightning_optloss.decay.exponential_decay",
+        "optimize_loss.learning_rate_decay_fn": "lightning_optloss.tf.decay.exponential_decay",
         "optimize_loss.learning_rate_decay_fn.decay_steps": "10",
         "optimize_loss.learning_rate_decay_fn.decay_rate": "0.5",
         "optimize_loss.learning_rate_decay_fn.staircase": "True",
@@ -187,5 +181,7 @@ def test_callables_are_described_without_memory_addresses():
     assert run_info.describe_callable(_module_level_clip) == "test_run_info._module_level_clip"
     assert run_info.describe_callable(_NoRepr()) == "test_run_info._NoRepr"
     partial = functools.partial(decay.polynomial_decay, 100, end_learning_rate=0.1)
-    assert run_info.describe_callable(partial) == "lightning_optloss.decay.polynomial_decay(100, end_learning_rate=0.1)"
+    assert (
+        run_info.describe_callable(partial) == "lightning_optloss.tf.decay.polynomial_decay(100, end_learning_rate=0.1)"
+    )
     assert " at 0x" not in run_info.describe_callable(lambda pairs: pairs)

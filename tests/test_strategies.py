@@ -9,7 +9,8 @@ import lightning.pytorch as pl
 import pytest
 from lightning.pytorch.strategies import FSDPStrategy
 
-from lightning_optloss import agc_clipping_fn, strategies
+from lightning_optloss import agc_clipping_fn
+from lightning_optloss.distributed import strategies
 
 sys.path.insert(0, str(Path(__file__).parent / "distributed"))
 

@@ -21,7 +21,8 @@ from support import PARITY_WORST, make_trainer, metric_values, new_mlflow_logger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_optloss import OptimizeLoss, adaptive_clipping_fn, configure_optimizers, decay
+from lightning_optloss import OptimizeLoss, adaptive_clipping_fn, configure_optimizers
+from lightning_optloss.tf import decay
 
 FIXTURES = Path(__file__).parent / "reference" / "fixtures"
 REFERENCE = json.loads((FIXTURES / "optimize_loss.json").read_text())

@@ -11,7 +11,9 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceXLAStrategy
 from support import TinyRegression, make_trainer, regression_data
 
-from lightning_optloss import OptimizeLoss, agc_clipping_fn, configure_optimizers, decay, strategies
+from lightning_optloss import OptimizeLoss, agc_clipping_fn, configure_optimizers
+from lightning_optloss.distributed import strategies
+from lightning_optloss.tf import decay
 
 # (keyword arguments, text the message must contain besides the argument's name)
 CONSTRUCTION_ERRORS = [

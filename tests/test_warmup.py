@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_optloss import decay
+from lightning_optloss.tf import decay
 
 LR = 0.1
 

@@ -30,14 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cpu_fsdp import CPUFSDPStrategy
 from support import LossScaledAt, TinyRegression, metric_values, regression_data
 
-from lightning_optloss import (
-    OptimizeLoss,
-    adaptive_clipping_fn,
-    agc_clipping_fn,
-    annealed_noise_scale,
-    autoclip_fn,
-    decay,
-)
+from lightning_optloss import OptimizeLoss, adaptive_clipping_fn, agc_clipping_fn, annealed_noise_scale, autoclip_fn
+from lightning_optloss.tf import decay
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)

@@ -34,8 +34,9 @@ import numpy as np
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_optloss import mlflow_io, run_info
-from lightning_optloss.histograms import Histogram
+from lightning_optloss.gradients.histograms import Histogram
+from lightning_optloss.mlflow import io as mlflow_io
+from lightning_optloss.mlflow import run_info
 
 HISTOGRAM_FILE = "histograms/gradients.jsonl"
 TRAINING_CURVES = "plots/training_curves.png"
@@ -202,7 +203,7 @@ class RunArtifacts:
 
     def draw(self, run_label: str) -> list[Path]:
         """Draw every plot there is data for into the upload folder; return their paths."""
-        from lightning_optloss import plots
+        from lightning_optloss.mlflow import plots
 
         drawn = []
         series = self.series()

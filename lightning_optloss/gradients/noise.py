@@ -1,20 +1,8 @@
-"""Gradient transforms on plain lists of tensors: no Lightning, no trainer, no hidden state.
-
-Each function does one step of TF's ``optimize_loss`` pipeline (noise → multipliers → clipping →
-statistics) in place with ``torch._foreach_*`` kernels, so its cost grows with the bytes of the gradients,
-not with a Python loop over parameters doing arithmetic. None of them copies a value to the host: the
-results stay on the device until :mod:`lightning_optloss.transfers` fetches them once on a logged step.
-
-Beyond TF: :func:`clip_groups_by_global_norm_` clips groups of parameters each by its own norm
-(:func:`resolve_clip_groups` finds the groups from name globs).
-
-Norm reductions accept ``all_reduce_sum``: for gradients sharded across processes (FSDP), the caller passes a
-function that sums a tensor over the shards, so norms are those of the full parameters.
-"""
+"""TF's gradient noise: a truncated normal added to every gradient, seeded so that it is identical on every
+replica, for any sharding, and on resume (see :class:`GradientNoise`)."""
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import operator
 import threading
@@ -23,156 +11,29 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_optloss import validation
-
 if TYPE_CHECKING:
-    from lightning_optloss.strategies import Layout
+    from lightning_optloss.distributed.strategies import Layout
 
-AllReduceSum = Callable[[Tensor], Tensor]
 
 _TRUNCATION = 2.0  # standard deviations, as tf.random.truncated_normal
+
+
 _TRUNCATED_STD = 0.8796256610342398  # std of a standard normal truncated at ±2
+
+
 _MASK64 = (1 << 64) - 1
+
+
 _CPU_CHUNK = 1 << 18
+
+
 _ACCELERATOR_CHUNK = 1 << 22
+
+
 _CACHED_NOISE_PLANS = 8  # one per distinct set of gradients (optimizer, sharding)
-
-
-def _norm_dtype(grads: Sequence[Tensor]) -> torch.dtype:
-    return torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-
-
-def parameter_norms(grads: Sequence[Tensor], all_reduce_sum: AllReduceSum | None = None) -> Tensor:
-    """The L2 norm of each gradient, as a 1-d tensor (float32, float64 if a gradient is float64).
-
-    Half-precision gradients are reduced in float32. With ``all_reduce_sum`` the squared norms of the local
-    shards are summed over processes first: exactly one collective for all parameters.
-    """
-    device = grads[0].device
-    if {grad.dtype for grad in grads} in ({torch.float32}, {torch.float64}):  # the common case: one kernel
-        try:
-            stacked = torch.stack(torch._foreach_norm(list(grads), 2))
-        except RuntimeError:  # gradients on several devices: the general path below
-            pass
-        else:
-            return stacked if all_reduce_sum is None else all_reduce_sum(stacked.square()).sqrt()
-    dtype = _norm_dtype(grads)
-    norms: list[Tensor | None] = [None] * len(grads)
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for position, grad in enumerate(grads):
-        by_dtype.setdefault(grad.dtype, []).append(position)
-    for grad_dtype, positions in by_dtype.items():
-        upcast = dtype if grad_dtype in (torch.float16, torch.bfloat16) else None
-        group = torch._foreach_norm([grads[p] for p in positions], 2, dtype=upcast)
-        for position, norm in zip(positions, group, strict=True):
-            norms[position] = norm
-    stacked = torch.stack([n.to(device, dtype) for n in norms])  # type: ignore[union-attr]
-    if all_reduce_sum is not None:
-        stacked = all_reduce_sum(stacked.square()).sqrt()
-    return stacked
-
-
-def global_norm(norms: Tensor) -> Tensor:
-    """``sqrt(sum(norm_i ** 2))`` of per-parameter norms: TF's ``clip_ops.global_norm``."""
-    return torch.linalg.vector_norm(norms)
-
-
-def present_gradients(
-    grads_and_vars: Sequence[tuple[Tensor | None, Tensor]], norm: Tensor | None
-) -> tuple[list[Tensor], Tensor | None]:
-    """For a clip callable: the gradients that are not None, and their global norm (``norm`` when given).
-
-    The norm is None when there is no gradient; a given ``norm`` (OptimizeLoss's, reduced over shards) is used
-    as is, otherwise it is computed from the gradients.
-    """
-    grads = [grad for grad, _ in grads_and_vars if grad is not None]
-    if grads and norm is None:
-        norm = global_norm(parameter_norms(grads))
-    return grads, (norm if grads else None)
-
-
-def clip_by_global_norm_(
-    grads: Sequence[Tensor], clip_norm: float, norm: Tensor, multipliers: Sequence[float] | None = None
-) -> Tensor:
-    """Scale ``grads`` in place by ``clip_norm / max(norm, clip_norm)``; return that factor (0-d tensor).
-
-    Written as TF writes it (``clip_norm * min(1 / norm, 1 / clip_norm)``, plus ``norm - norm``), so a
-    non-finite global norm makes every gradient NaN, as ``tf.clip_by_global_norm`` does, instead of zeroing
-    the finite ones as ``torch.nn.utils.clip_grad_norm_`` does. On the CPU, where reading the factor waits
-    for nothing, a factor of exactly 1 skips the multiplication, which would change no gradient; on
-    accelerators the multiplication always runs, so that nothing synchronises with the host.
-
-    ``multipliers`` (TF's gradient multipliers, not applied yet; ``norm`` must then be the global norm of the
-    multiplied gradients) are applied in the same pass: gradient ``i`` is scaled by ``multipliers[i] * factor``,
-    one memory pass instead of two (the product rounds once more than TF's two multiplications, within float32
-    precision).
-    """
-    inverse_clip = float(np.float32(1.0) / np.float32(clip_norm))
-    factor = clip_norm * torch.clamp(norm.reciprocal(), max=inverse_clip) + (norm - norm)
-    unit = factor.device.type == "cpu" and float(factor) == 1.0
-    for multiplier, group in _by_multiplier(grads, multipliers).items():
-        if multiplier != 1.0:
-            torch._foreach_mul_(group, multiplier if unit else factor * multiplier)
-        elif not unit:
-            torch._foreach_mul_(group, factor)
-    return factor
-
-
-def multiply_(grads: Sequence[Tensor], multipliers: Sequence[float]) -> None:
-    """``grads[i] *= multipliers[i]`` in place; one foreach kernel per distinct multiplier, 1.0 skipped."""
-    for multiplier, group in _by_multiplier(grads, multipliers).items():
-        if multiplier != 1.0:
-            torch._foreach_mul_(group, multiplier)
-
-
-def _by_multiplier(grads: Sequence[Tensor], multipliers: Sequence[float] | None) -> dict[float, list[Tensor]]:
-    if multipliers is None:
-        return {1.0: list(grads)}
-    groups: dict[float, list[Tensor]] = {}
-    for grad, multiplier in zip(grads, multipliers, strict=True):
-        groups.setdefault(multiplier, []).append(grad)
-    return groups
-
-
-def local_moments(grads: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    """Per-gradient ``[count, mean, m2, min, max]`` (``m2``: sum of squared deviations) as ``(len(grads), 5)``.
-
-    Moments of shards combine exactly with :func:`combine_moments`; an empty shard is ``[0, 0, 0, inf, -inf]``.
-    """
-    rows = []
-    for grad in grads:
-        values = grad.detach().reshape(-1).to(dtype)
-        if values.numel() == 0:
-            rows.append(torch.tensor([0.0, 0.0, 0.0, math.inf, -math.inf], dtype=dtype, device=grad.device))
-            continue
-        variance, mean = torch.var_mean(values, correction=0)
-        low, high = torch.aminmax(values)
-        count = torch.full((), values.numel(), dtype=dtype, device=grad.device)
-        rows.append(torch.stack([count, mean, variance * count, low, high]))
-    return torch.stack(rows)
-
-
-def combine_moments(parts: Tensor) -> Tensor:
-    """Combine ``(shards, n, 5)`` moments of the shards of ``n`` tensors into ``(n, 5)`` (Chan et al.)."""
-    count = parts[..., 0].sum(0)
-    mean = (parts[..., 0] * parts[..., 1]).sum(0) / count
-    m2 = parts[..., 2].sum(0) + (parts[..., 0] * (parts[..., 1] - mean).square()).sum(0)
-    return torch.stack([count, mean, m2, parts[..., 3].amin(0), parts[..., 4].amax(0)], dim=-1)
-
-
-def gradient_statistics(moments: Tensor, norms: Tensor) -> Tensor:
-    """Per-gradient ``[mean, std, min, max, norm]`` from :func:`local_moments` rows and the gradients' norms.
-
-    ``std`` is the population standard deviation, as TF's histogram summaries (``sum`` and ``sum_squares``)
-    give it.
-    """
-    count, mean, m2 = moments[:, 0], moments[:, 1], moments[:, 2]
-    std = (m2 / count).clamp(min=0.0).sqrt()
-    return torch.stack([mean, std, moments[:, 3], moments[:, 4], norms.to(moments.dtype)], dim=-1)
 
 
 def _splitmix64(value: int) -> int:
@@ -445,104 +306,3 @@ class GradientNoise:
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         self._reset()
-
-
-def clip_groups_by_global_norm_(
-    grads: Sequence[Tensor], group_of: Sequence[int], clip_norms: Sequence[float], norms: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Clip each group of gradients by its own global norm, in place: :func:`clip_by_global_norm_` per group.
-
-    Group ``g`` (the gradients ``i`` with ``group_of[i] == g``) is scaled by
-    ``clip_norms[g] / max(norm_g, clip_norms[g])``, where ``norm_g`` is the global norm of that group
-    alone, in TF's form (a non-finite ``norm_g`` makes the group's gradients NaN, and only the group's).
-    Gradients with ``group_of[i] == -1`` are left untouched. A group with no gradient has norm 0, factor 1.
-
-    Args:
-        grads: The gradients, modified in place.
-        group_of: For each gradient, its group index in ``[0, len(clip_norms))``, or -1 (not clipped). See
-            :func:`resolve_clip_groups`.
-        clip_norms: The clip value of each group, > 0.
-        norms: The per-gradient norms, from :func:`parameter_norms` (reduced over shards already).
-
-    Returns:
-        ``(group_norms, factors)``: two 1-d tensors of ``len(clip_norms)``, each group's global norm before
-        clipping and the factor its gradients were multiplied by, for summaries (no host copy here).
-
-    References:
-        Pascanu, Mikolov & Bengio, "On the difficulty of training recurrent neural networks", ICML 2013,
-        https://arxiv.org/abs/1211.5063 (clipping by norm); TF's ``tf.clip_by_global_norm``.
-    """
-    if not len(grads) == len(group_of) == len(norms):
-        raise ValueError(
-            f"clip_groups_by_global_norm_: `grads`, `group_of` and `norms` must have one entry per gradient; "
-            f"got {len(grads)}, {len(group_of)} and {len(norms)}."
-        )
-    members: list[list[int]] = [[] for _ in clip_norms]
-    for position, group in enumerate(group_of):
-        if not -1 <= group < len(members):
-            raise ValueError(
-                f"clip_groups_by_global_norm_: `group_of[{position}]` must be -1 or a group index in "
-                f"[0, {len(members)}); got {group!r}."
-            )
-        if group != -1:
-            members[group].append(position)
-    group_norms, factors = [], []
-    for clip_norm, positions in zip(clip_norms, members, strict=True):
-        # Views of norms, stacked: no index tensor to copy to the device.
-        norm = global_norm(torch.stack([norms[p] for p in positions])) if positions else norms.new_zeros(())
-        if positions:
-            factor = clip_by_global_norm_([grads[p] for p in positions], clip_norm, norm)
-        else:
-            factor = norms.new_ones(())
-        group_norms.append(norm)
-        factors.append(factor)
-    return torch.stack(group_norms), torch.stack(factors)
-
-
-def resolve_clip_groups(
-    owner: str, patterns: Mapping[str, float], names: Sequence[str], argument: str = "clip_gradients"
-) -> list[int]:
-    """The clip group of each parameter name: the index of the first pattern of ``patterns`` it matches.
-
-    Args:
-        owner: Who asks, for error messages (``"OptimizeLoss"``).
-        patterns: ``{glob: clip_norm}`` in priority order: a name belongs to the first pattern it matches
-            (:func:`fnmatch.fnmatchcase`, case-sensitive; ``*`` also matches dots, so ``"encoder.*"`` takes
-            every parameter under ``encoder``). Every ``clip_norm`` is a finite number > 0.
-        names: The parameter names, in the order of the gradients.
-        argument: The argument's name in error messages. Default ``"clip_gradients"``.
-
-    Returns:
-        ``group_of`` for :func:`clip_groups_by_global_norm_`: for each name, its pattern's index in
-        ``patterns``, or -1 when it matches none (not clipped); ``list(patterns.values())`` are the
-        ``clip_norms``.
-
-    Raises:
-        ValueError: for an empty or non-dict ``patterns``, a key that is not a non-empty string, a value
-            that is not > 0, a pattern that matches no name (a typo: the error names the closest names), or
-            a pattern that matches only names an earlier pattern already took (it would never apply).
-    """
-    accepted = "a non-empty dict {parameter-name glob: clip norm > 0}"
-    if not isinstance(patterns, Mapping) or not patterns:
-        raise validation.invalid(owner, argument, accepted, patterns)
-    for pattern, clip_norm in patterns.items():
-        if not isinstance(pattern, str) or not pattern:
-            raise validation.invalid(owner, argument, accepted + " (keys are non-empty strings)", pattern)
-        validation.real(owner, f"{argument}[{pattern!r}]", clip_norm, minimum=0.0, strictly=True)
-    ordered = list(patterns)
-    group_of = []
-    for name in names:
-        group_of.append(next((g for g, p in enumerate(ordered) if fnmatch.fnmatchcase(name, p)), -1))
-    for group, pattern in enumerate(ordered):
-        if group in group_of:
-            continue
-        matched = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
-        if not matched:
-            raise validation.unmatched_pattern(owner, argument, pattern, names)
-        earlier = ordered[group_of[names.index(matched[0])]]
-        raise ValueError(
-            f"{owner}: `{argument}` has the pattern {pattern!r}, which matches only parameters that an earlier "
-            f"pattern takes ({matched[0]!r} goes to {earlier!r}; the first matching pattern wins), so it would "
-            "never apply. Put the more specific pattern first, or remove it."
-        )
-    return group_of

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from lightning_optloss import validation
+from lightning_optloss.common import validation
 
 Value = TypeVar("Value")
 ParameterKey = str | nn.Parameter

@@ -45,7 +45,7 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lightning_optloss import validation
+from lightning_optloss.common import validation
 
 __all__ = [
     "cosine_decay",

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_optloss import validation
-from lightning_optloss.transforms import AllReduceSum
+from lightning_optloss.common import validation
+from lightning_optloss.gradients.norms import AllReduceSum
 
 GradsAndVars = list[tuple[Tensor | None, Tensor]]
 Exclude = str | Iterable[str] | Callable[[str], bool] | None

@@ -46,7 +46,7 @@ from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.proto_json_utils import parse_dict
 from mlflow.utils.rest_utils import http_request, verify_rest_response
 
-from lightning_optloss.delivery import Record
+from lightning_optloss.mlflow.delivery import Record
 
 RECORD_TYPES = ("batch", "artifact", "status")
 

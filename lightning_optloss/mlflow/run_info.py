@@ -29,9 +29,9 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim import Optimizer
 
-from lightning_optloss import mlflow_io
-from lightning_optloss.adaptive_clipping import AdaptiveClipping
-from lightning_optloss.configure import LearningRateDecay
+from lightning_optloss.gradients.adaptive_clipping import AdaptiveClipping
+from lightning_optloss.mlflow import io as mlflow_io
+from lightning_optloss.tf.configure import LearningRateDecay
 
 PREFIX = "optimize_loss"
 DEFAULT_NAME = "OptimizeLoss"

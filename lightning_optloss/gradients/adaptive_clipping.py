@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_optloss import transforms, validation
+from lightning_optloss.common import validation
+from lightning_optloss.gradients import clipping
 
 GradsAndVars = list[tuple[Tensor | None, Tensor]]
 _OWNER = "adaptive_clipping_fn"
@@ -80,7 +81,7 @@ class AdaptiveClipping:
         global_norm: Tensor | None = None,
     ) -> GradsAndVars:
         pairs = list(grads_and_vars)
-        grads, global_norm = transforms.present_gradients(pairs, global_norm)
+        grads, global_norm = clipping.present_gradients(pairs, global_norm)
         if global_norm is None:
             return pairs
         norm = global_norm.to(torch.float32)

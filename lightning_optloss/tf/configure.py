@@ -11,9 +11,9 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from lightning_optloss import validation
-from lightning_optloss.optimizers import OPTIMIZER_CLS_NAMES
-from lightning_optloss.parameters import ModuleParameters, ParameterKey
+from lightning_optloss.common import validation
+from lightning_optloss.common.parameters import ModuleParameters, ParameterKey
+from lightning_optloss.tf.optimizers import OPTIMIZER_CLS_NAMES
 
 DecayFn = Callable[[float, int], float]
 OptimizerSpec = str | type[Optimizer] | Optimizer | Callable[..., Optimizer]

@@ -2,8 +2,8 @@
 
 Plain data in, a :class:`~matplotlib.figure.Figure` out: no MLflow, no Lightning, no global pyplot state
 (figures are built with ``Figure()`` and an Agg canvas, so a training process needs no display and no
-backend setting). :mod:`lightning_optloss.artifacts` draws a run's pictures at the end of a fit and
-:mod:`lightning_optloss.compare` draws several runs side by side.
+backend setting). :mod:`lightning_optloss.mlflow.artifacts` draws a run's pictures at the end of a fit and
+:mod:`lightning_optloss.mlflow.compare` draws several runs side by side.
 
 A *series* is ``(steps, values)``: two equally long sequences, the steps ascending.
 """

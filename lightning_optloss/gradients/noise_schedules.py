@@ -6,8 +6,8 @@ import math
 import operator
 from typing import Any
 
-from lightning_optloss import validation
-from lightning_optloss.transforms import GradientNoise
+from lightning_optloss.common import validation
+from lightning_optloss.gradients.noise import GradientNoise
 
 _OWNER = "annealed_noise_scale"
 

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_optloss import transforms, validation
+from lightning_optloss.common import validation
+from lightning_optloss.gradients import clipping
 
 GradsAndVars = list[tuple[Tensor | None, Tensor]]
 _OWNER = "autoclip_fn"
@@ -60,7 +61,7 @@ class AutoClipping:
         self, grads_and_vars: Sequence[tuple[Tensor | None, Tensor]], global_norm: Tensor | None = None
     ) -> GradsAndVars:
         pairs = list(grads_and_vars)
-        grads, global_norm = transforms.present_gradients(pairs, global_norm)
+        grads, global_norm = clipping.present_gradients(pairs, global_norm)
         if global_norm is None:
             return pairs
         with torch.no_grad():

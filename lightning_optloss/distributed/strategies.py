@@ -49,8 +49,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.optim import Optimizer
 
-from lightning_optloss import validation
-from lightning_optloss.agc import UnitwiseClipping
+from lightning_optloss.common import validation
+from lightning_optloss.gradients.agc import UnitwiseClipping
 
 
 @dataclass(frozen=True)

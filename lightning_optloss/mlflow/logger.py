@@ -5,8 +5,8 @@ Lightning's stock logger calls the server on the training thread, once per logge
 unreachable that call blocks for MLflow's whole retry policy (minutes) and then raises, which stops the run.
 This subclass has the same constructor and the same behaviour otherwise, but queues every call that reaches the
 server once the run exists (metrics, hyperparameters, tags, checkpoint artifacts, the final status) and sends
-them from a worker thread (:mod:`lightning_optloss.delivery`), in order, one MLflow call per record. The record
-format of the spill files is described in :mod:`lightning_optloss.mlflow_records`.
+them from a worker thread (:mod:`lightning_optloss.mlflow.delivery`), in order, one MLflow call per record. The record
+format of the spill files is described in :mod:`lightning_optloss.mlflow.records`.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from typing_extensions import override
 
-from lightning_optloss import mlflow_records, validation
-from lightning_optloss.delivery import Delivery, Record
+from lightning_optloss.common import validation
+from lightning_optloss.mlflow import records as mlflow_records
+from lightning_optloss.mlflow.delivery import Delivery, Record
 
 _OWNER = "MLFlowLogger"
 _STOCK_WARNING = (

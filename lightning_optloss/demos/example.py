@@ -1,0 +1,276 @@
+"""Regenerate the example MLflow store ``mlruns_example/``: ``make example``.
+
+``python -m lightning_optloss.example --output mlruns_example`` trains the digits CNN of
+:mod:`lightning_optloss.demos.demo` four times, briefly, with every OptimizeLoss summary:
+
+=====================  ===========================================================
+run name               OptimizeLoss
+=====================  ===========================================================
+``no-clipping``        no clipping, no noise
+``clip-1.0``           global-norm clipping at 1.0
+``adaptive-clipping``  ``adaptive_clipping_fn(global_step=True, report_summary=True)``
+``noise-0.01``         gradient noise scale 0.01, no clipping
+=====================  ===========================================================
+
+into experiment ``lightning_optloss-example`` of an sqlite store, ``<output>/mlflow.db``, with the artifacts in
+``<output>/artifacts/``, and writes ``<output>/README.md`` with the ``mlflow ui`` command.
+
+The store must work wherever the folder is cloned. An sqlite store records each run's artifact location, and
+MLflow makes a local one absolute; so the runs are logged through a temporary ``mlflow server`` (127.0.0.1, a
+free port) that serves the artifacts: their recorded location is then ``mlflow-artifacts:/<experiment id>/...``,
+which any ``mlflow ui --artifacts-destination <folder>/artifacts`` resolves, from any path.
+Training is seeded and deterministic; run ids and timestamps differ from one regeneration to the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+EXPERIMENT = "lightning_optloss-example"
+RUN_NAMES = ("no-clipping", "clip-1.0", "adaptive-clipping", "noise-0.01")
+DATABASE = "mlflow.db"
+ARTIFACTS = "artifacts"
+SERVER_START_SECONDS = 180
+
+
+def ui_command(folder: str = "mlruns_example", port: int | None = None) -> str:
+    """The ``mlflow ui`` command that shows the example store in ``folder`` (relative to the working directory)."""
+    command = (
+        f"mlflow ui --backend-store-uri sqlite:///{folder}/{DATABASE} --artifacts-destination {folder}/{ARTIFACTS}"
+    )
+    return command if port is None else f"{command} --port {port}"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (now)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path, port: int | None = None, log: Path | None = None) -> Iterator[str]:
+    """Run ``mlflow server`` on 127.0.0.1 for the store in ``folder``; yield its URL; stop it on exit.
+
+    The server serves ``folder/mlflow.db`` and the artifacts in ``folder/artifacts`` (``mlflow-artifacts:/``
+    locations).
+    """
+    port = port or free_port()
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{(folder / DATABASE).resolve()}",
+        "--artifacts-destination", str((folder / ARTIFACTS).resolve()),
+    ]  # fmt: skip
+    with serve(command, port, log=log) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serve(command: list[str], port: int, cwd: Path | None = None, log: Path | None = None) -> Iterator[str]:
+    """Start an MLflow server ``command`` listening on 127.0.0.1:``port``; yield its URL once it answers
+    ``/health`` (at most ``SERVER_START_SECONDS``); terminate it on exit."""
+    url = f"http://127.0.0.1:{port}"
+    output = log.open("wb") if log is not None else subprocess.DEVNULL
+    server = subprocess.Popen(command, cwd=cwd, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + SERVER_START_SECONDS
+        while not _healthy(url):
+            if server.poll() is not None:
+                raise RuntimeError(f"{' '.join(command)} exited with status {server.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{' '.join(command)} did not answer at {url} within {SERVER_START_SECONDS} s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=30)
+        if log is not None:
+            output.close()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def callback_arguments(run_name: str) -> dict[str, Any]:
+    """OptimizeLoss's arguments for one of the example runs (every summary, seed 0)."""
+    from lightning_optloss import OPTIMIZER_SUMMARIES, adaptive_clipping_fn
+
+    differences: dict[str, dict[str, Any]] = {
+        "no-clipping": {},
+        "clip-1.0": {"clip_gradients": 1.0},
+        "adaptive-clipping": {"clip_gradients": adaptive_clipping_fn(global_step=True, report_summary=True)},
+        "noise-0.01": {"gradient_noise_scale": 0.01},
+    }
+    return {"summaries": OPTIMIZER_SUMMARIES, "seed": 0, **differences[run_name]}
+
+
+def train(tracking_uri: str, run_name: str, epochs: int, train_batches: int, log_every_n_steps: int) -> dict[str, Any]:
+    """One example run: the demo's digits CNN, TF's Adam with exponential decay, logged to ``tracking_uri``."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from lightning_optloss import OptimizeLoss
+    from lightning_optloss.demos.demo import DigitsClassifier, digits_loaders
+
+    pl.seed_everything(0, verbose=False)
+    # MLflow would record this machine's path of the script and its user; the store is committed.
+    tags = {"mlflow.source.name": "python -m lightning_optloss.example", "mlflow.user": "lightning_optloss"}
+    logger = MLFlowLogger(experiment_name=EXPERIMENT, run_name=run_name, tracking_uri=tracking_uri, tags=tags)
+    callback = OptimizeLoss(**callback_arguments(run_name))
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        limit_train_batches=train_batches if train_batches > 0 else 1.0,
+        logger=logger,
+        callbacks=[callback],
+        log_every_n_steps=log_every_n_steps,
+        accelerator="cpu",
+        devices=1,
+        deterministic=True,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+    )
+    train_loader, val_loader = digits_loaders(seed=0)
+    trainer.fit(DigitsClassifier(learning_rate=0.003, decay_steps=100, decay_rate=0.5), train_loader, val_loader)
+    return {
+        "run_name": run_name,
+        "run_id": logger.run_id,
+        "steps": callback.global_step,
+        "val_accuracy": float(trainer.callback_metrics["val_accuracy"]),
+    }
+
+
+@contextlib.contextmanager
+def _plots_on() -> Iterator[None]:
+    """The example exists to show the plots: draw them whatever LIGHTNING_OPTLOSS_PLOTS says."""
+    from lightning_optloss.mlflow.artifacts import PLOTS_ENVIRONMENT_VARIABLE
+
+    before = os.environ.get(PLOTS_ENVIRONMENT_VARIABLE)
+    os.environ[PLOTS_ENVIRONMENT_VARIABLE] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[PLOTS_ENVIRONMENT_VARIABLE]
+        else:
+            os.environ[PLOTS_ENVIRONMENT_VARIABLE] = before
+
+
+def generate(
+    output: Path, epochs: int = 3, train_batches: int = -1, log_every_n_steps: int = 5, quiet: bool = True
+) -> list[dict[str, Any]]:
+    """Replace the store in ``output`` with the four example runs; return what each run reached."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / DATABASE).unlink(missing_ok=True)
+    shutil.rmtree(output / ARTIFACTS, ignore_errors=True)
+    if quiet:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    results = []
+    with mlflow_server(output, log=output.parent / f".{output.name}-server.log") as url, _plots_on():
+        for run_name in RUN_NAMES:
+            results.append(train(url, run_name, epochs, train_batches, log_every_n_steps))
+    (output.parent / f".{output.name}-server.log").unlink(missing_ok=True)
+    with contextlib.closing(sqlite3.connect(output / DATABASE)) as database:
+        database.execute("VACUUM")  # the schema's migrations leave free pages; the store is committed
+    (output / "README.md").write_text(readme(output.name, results, epochs, train_batches, log_every_n_steps))
+    return results
+
+
+def readme(
+    folder: str, results: list[Mapping[str, Any]], epochs: int, train_batches: int, log_every_n_steps: int
+) -> str:
+    """The folder's README: what the runs are, the ``mlflow ui`` command, the compare command."""
+    rows = "\n".join(
+        f"| `{r['run_name']}` | {_DESCRIPTIONS[r['run_name']]} | {r['steps']} | {r['val_accuracy']:.3f} "
+        f"| `{r['run_id']}` |"
+        for r in results
+    )
+    limit = f" of {train_batches} batches" if train_batches > 0 else ""
+    return f"""# {folder}: an MLflow store of four OptimizeLoss runs
+
+Generated by `make example` (`python -m lightning_optloss.example --output {folder}`); do not edit by hand,
+regenerate. Four short trainings ({epochs} epochs{limit}, summaries every {log_every_n_steps} steps) of the
+digits CNN of `lightning_optloss.demos.demo` (TF's Adam, learning rate 0.003 halved every 100 steps, every
+OptimizeLoss summary, seed 0), in experiment `{EXPERIMENT}`:
+
+| run | OptimizeLoss | steps | validation accuracy | run id |
+|---|---|---|---|---|
+{rows}
+
+## Open it
+
+From the folder that contains `{folder}/` (the repository root), wherever it was cloned:
+
+```bash
+{ui_command(folder)}
+```
+
+then browse <http://127.0.0.1:5000>, experiment `{EXPERIMENT}`. Each run has the `OptimizeLoss/...` metrics
+(Model metrics tab), the `optimize_loss.*` params and tags (Overview), and the artifacts
+`optimize_loss/config.json`, `optimize_loss/histograms/gradients.jsonl` and `optimize_loss/plots/*.png`
+(Artifacts tab). Both options matter: `mlflow.db` holds runs, params and metrics; the artifacts are recorded as
+`mlflow-artifacts:/...` locations, which the server resolves inside `--artifacts-destination`.
+
+## Compare the runs in one picture
+
+```bash
+python -m lightning_optloss.compare {" ".join(RUN_NAMES)} --experiment {EXPERIMENT} \\
+    --tracking-uri sqlite:///{folder}/{DATABASE} --output compare.png
+```
+"""
+
+
+_DESCRIPTIONS = {
+    "no-clipping": "no clipping, no noise",
+    "clip-1.0": "`clip_gradients=1.0` (global norm)",
+    "adaptive-clipping": "`adaptive_clipping_fn(global_step=True, report_summary=True)`",
+    "noise-0.01": "`gradient_noise_scale=0.01`",
+}
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(prog="python -m lightning_optloss.example", description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=Path("mlruns_example"), help="the store's folder")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per run (45 steps each)")
+    parser.add_argument("--train-batches", type=int, default=-1, help="batches per epoch (-1: all 45)")
+    parser.add_argument("--log-every-n-steps", type=int, default=5)
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    results = generate(args.output, args.epochs, args.train_batches, args.log_every_n_steps)
+    for result in results:
+        print(f"{result['run_name']:18s} {result['steps']:4d} steps  val_accuracy {result['val_accuracy']:.3f}")
+    seconds = time.perf_counter() - started
+    print(f"\nWrote {args.output}/ in {seconds:.0f} s. Open it with:\n\n    {ui_command(str(args.output))}\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""TF's gradient multipliers on plain lists of tensors: ``grads[i] *= multipliers[i]``, one kernel per factor."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def multiply_(grads: Sequence[Tensor], multipliers: Sequence[float]) -> None:
+    """``grads[i] *= multipliers[i]`` in place; one foreach kernel per distinct multiplier, 1.0 skipped."""
+    for multiplier, group in group_by_multiplier(grads, multipliers).items():
+        if multiplier != 1.0:
+            torch._foreach_mul_(group, multiplier)
+
+
+def group_by_multiplier(grads: Sequence[Tensor], multipliers: Sequence[float] | None) -> dict[float, list[Tensor]]:
+    if multipliers is None:
+        return {1.0: list(grads)}
+    groups: dict[float, list[Tensor]] = {}
+    for grad, multiplier in zip(grads, multipliers, strict=True):
+        groups.setdefault(multiplier, []).append(grad)
+    return groups

@@ -1,0 +1,1 @@
+"""TF1's optimizers, learning-rate schedules and ``configure_optimizers``: the optimizer half of ``optimize_loss``."""
