@@ -1,10 +1,17 @@
-"""``OptimizeLoss``: the gradient half of TF's ``optimize_loss`` as a Lightning callback."""
+"""``OptimizeLoss``: the gradient half of TF's ``optimize_loss`` as a Lightning callback.
+
+The hooks only wire Lightning to the parts: arguments are checked in :mod:`lightning_optloss.callback_arguments`,
+gradients processed by :class:`~lightning_optloss.pipeline.GradientPipeline`, the strategy reached through
+:mod:`lightning_optloss.distributed.strategies`, and the MLflow run records kept by
+:mod:`lightning_optloss.mlflow.run_records`.
+"""
 
 from __future__ import annotations
 
 import functools
 import secrets
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,29 +23,19 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_optloss.common import transfers, validation
+from lightning_optloss import callback_arguments as arguments
+from lightning_optloss.callback_arguments import OWNER as _OWNER
+from lightning_optloss.common import tags, transfers, validation
 from lightning_optloss.common.parameters import ModuleParameters, NamedParameter, ParameterKey
 from lightning_optloss.distributed import strategies
-from lightning_optloss.gradients import clipping, histograms
 from lightning_optloss.gradients.noise import GradientNoise
-from lightning_optloss.mlflow import artifacts, run_info
+from lightning_optloss.mlflow import artifacts, run_records
 from lightning_optloss.mlflow import io as mlflow_io
 from lightning_optloss.mlflow.logger import warn_if_stock_mlflow_logger
-from lightning_optloss.pipeline import (
-    NONFINITE_MODES,
-    ClipFn,
-    ClipGroups,
-    GradientPipeline,
-    NoiseScale,
-    NonFiniteMonitor,
-    StepOutcome,
-)
-from lightning_optloss.summaries import SummaryRecord, deliver, metric_key, metric_keys
+from lightning_optloss.pipeline import NONFINITE_MODES, GradientPipeline, NoiseScale, NonFiniteMonitor, StepOutcome
+from lightning_optloss.summaries import SummaryRecord, deliver
 from lightning_optloss.summaries import validate as validate_summaries
 from lightning_optloss.tf.configure import LearningRateDecay
-
-_OWNER = "OptimizeLoss"
-_SEED_LIMIT = 1 << 63
 
 
 class GlobalStep:
@@ -49,6 +46,31 @@ class GlobalStep:
 
     def __call__(self) -> int:
         return self.value
+
+
+@dataclass
+class _FitState:
+    """What ``setup`` and ``on_fit_start`` resolve from the Trainer: dropped when pickled (``ddp_spawn``) and
+    rebuilt in the worker, never checkpointed (but the seed, which ``state_dict`` saves)."""
+
+    seed: int | None
+    pipeline: GradientPipeline | None = None
+    access: strategies.GradientAccess | None = None
+    scaler: torch.amp.GradScaler | None = None
+    by_optimizer: dict[int, list[NamedParameter]] = field(default_factory=dict)
+    monitors: dict[int, NonFiniteMonitor] = field(default_factory=dict)
+    hooks: list[RemovableHandle] = field(default_factory=list)
+    pending_update_ops: int = 0
+    processed: dict[int, StepOutcome] = field(default_factory=dict)
+    ready: list[SummaryRecord] = field(default_factory=list)
+    stepped_in_batch: bool = False
+    loss_sum: Tensor | None = None
+    loss_count: int = 0
+    log_every_n_steps: int = 1
+    logging: bool = False
+    world_size: int = 1
+    loaded_world_size: int | None = None
+    run_artifacts: artifacts.RunArtifacts | None = None
 
 
 class OptimizeLoss(Callback):
@@ -75,7 +97,8 @@ class OptimizeLoss(Callback):
             receives the global step, if it accepts ``global_norm`` the pre-clipping global norm (a 0-d
             tensor, over the full parameters also when they are sharded), if it accepts ``names`` the
             parameter names of the pairs, if it accepts ``all_reduce_sum`` a function summing a tensor over
-            the shards of sharded parameters (None when unsharded). Under sharded strategies (FSDP2) the pairs
+            the shards of sharded parameters (None when unsharded); the callable is wrapped once, here, into
+            the clip contract (:mod:`lightning_optloss.gradients.contract`). Under sharded strategies (FSDP2) the pairs
             hold the local shards of gradients and parameters. Clip callables must be picklable for
             ``ddp_spawn``. Or a dict ``{parameter-name glob: c}``: per-group clipping, each group (the
             parameters whose name matches the glob first, :func:`fnmatch.fnmatchcase`) clipped by its own
@@ -122,7 +145,7 @@ class OptimizeLoss(Callback):
         self,
         gradient_noise_scale: NoiseScale | None = None,
         gradient_multipliers: Mapping[ParameterKey, float] | None = None,
-        clip_gradients: float | ClipFn | ClipGroups | None = None,
+        clip_gradients: arguments.ClipArgument | None = None,
         update_ops: Iterable[Callable[[], Any]] | None = None,
         variables: Iterable[ParameterKey] | None = None,
         name: str = "OptimizeLoss",
@@ -132,21 +155,22 @@ class OptimizeLoss(Callback):
         seed: int | None = None,
         on_nonfinite: str = "warn",
     ) -> None:
-        self.gradient_noise_scale = _check_noise_scale(gradient_noise_scale)
-        self.gradient_multipliers = _check_multipliers(gradient_multipliers)
-        self.clip_gradients = _check_clip(clip_gradients)
-        self.update_ops = _check_update_ops(update_ops)
-        self.variables = _check_variables(variables)
-        self.name = _check_name(name)
+        self.gradient_noise_scale = arguments.check_noise_scale(gradient_noise_scale)
+        self.gradient_multipliers = arguments.check_multipliers(gradient_multipliers)
+        self.clip_gradients = arguments.check_clip(clip_gradients)
+        self.update_ops = arguments.check_update_ops(update_ops)
+        self.variables = arguments.check_variables(variables)
+        self.name = arguments.check_name(name)
         self.summaries = validate_summaries(_OWNER, summaries)
         self.colocate_gradients_with_ops = validation.boolean(
             _OWNER, "colocate_gradients_with_ops", colocate_gradients_with_ops
         )
         self.increment_global_step = validation.boolean(_OWNER, "increment_global_step", increment_global_step)
-        self.seed = _check_seed(seed)
+        self.seed = arguments.check_seed(seed)
         self.on_nonfinite = validation.choice(_OWNER, "on_nonfinite", on_nonfinite, NONFINITE_MODES)
+        self._clip = arguments.clip_transform(self.clip_gradients, self.summaries)
         self._global_step = GlobalStep()
-        self._reset_run_state()
+        self._fit = _FitState(self.seed)
 
     @property
     def global_step(self) -> int:
@@ -157,36 +181,14 @@ class OptimizeLoss(Callback):
     def global_step(self, value: int) -> None:
         self._global_step.value = value
 
-    def _reset_run_state(self) -> None:
-        """What ``setup`` and ``on_fit_start`` resolve; not pickled (``ddp_spawn``), never checkpointed."""
-        self._pipeline: GradientPipeline | None = None
-        self._access: strategies.GradientAccess | None = None
-        self._resolved_seed: int | None = self.seed
-        self._scaler: torch.amp.GradScaler | None = None
-        self._by_optimizer: dict[int, list[NamedParameter]] = {}
-        self._monitors: dict[int, NonFiniteMonitor] = {}
-        self._hooks: list[RemovableHandle] = []
-        self._pending_update_ops = 0
-        self._processed: dict[int, StepOutcome] = {}
-        self._ready: list[SummaryRecord] = []
-        self._stepped_in_batch = False
-        self._loss_sum: Tensor | None = None
-        self._loss_count = 0
-        self._log_every_n_steps = 1
-        self._logging = False
-        self._world_size = 1
-        self._loaded_world_size: int | None = None
-        self._run_artifacts: artifacts.RunArtifacts | None = None
-
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in _RUN_STATE:
-            state.pop(key, None)
+        del state["_fit"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._reset_run_state()
+        self._fit = _FitState(self.seed)
 
     @property
     def state_key(self) -> str:
@@ -198,94 +200,101 @@ class OptimizeLoss(Callback):
         if stage != "fit":
             return
         warn_if_stock_mlflow_logger(trainer.loggers)
-        if self.clip_gradients is not None and trainer.gradient_clip_val:
+        if self._clip is not None and trainer.gradient_clip_val:
             raise ValueError(
                 f"{_OWNER}: clip_gradients={validation.show(self.clip_gradients)} and Trainer("
                 f"gradient_clip_val={trainer.gradient_clip_val}) would clip twice (Lightning clips after "
                 "OptimizeLoss); keep one of them."
             )
-        self._access = strategies.gradient_access(_OWNER, trainer.strategy)
-        self._access.check(_OWNER, trainer, self.clip_gradients, self.on_nonfinite)
-        self._scaler = strategies.loss_scaler(trainer)
+        fit = self._fit
+        fit.access = strategies.gradient_access(_OWNER, trainer.strategy)
+        fit.access.check(_OWNER, trainer, self._clip, self.on_nonfinite)
+        fit.scaler = strategies.loss_scaler(trainer)
         first = next(callback for callback in trainer.callbacks if isinstance(callback, OptimizeLoss))
         if first is not self:
             self._global_step = first._global_step
-        if self._resolved_seed is None:
-            self._resolved_seed = trainer.strategy.broadcast(secrets.randbelow(_SEED_LIMIT), src=0)
-        self._log_every_n_steps = trainer.log_every_n_steps
-        self._logging = bool(trainer.loggers) and bool(self.summaries)
-        self._world_size = trainer.world_size
+        if fit.seed is None:
+            fit.seed = trainer.strategy.broadcast(secrets.randbelow(arguments.SEED_LIMIT), src=0)
+        fit.log_every_n_steps = trainer.log_every_n_steps
+        fit.logging = bool(trainer.loggers) and bool(self.summaries)
+        fit.world_size = trainer.world_size
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Parameters are resolved here, after configure_model (FSDP2 replaces them by DTensors there).
-        self._access.attach(trainer.strategy.model)
-        parameters = ModuleParameters(pl_module, self._access.parameter_name)
+        fit, access = self._fit, self._fit.access
+        access.attach(trainer.strategy.model)
+        parameters = ModuleParameters(pl_module, access.parameter_name)
         params = parameters.select(_OWNER, "variables", self.variables)
         multipliers = parameters.keyed(_OWNER, "gradient_multipliers", self.gradient_multipliers, params)
         names = [entry.name for entry in params]
-        keys = metric_keys(_OWNER, names)
-        by_optimizer = _params_by_optimizer(trainer.optimizers, params, self._access)
+        keys = tags.metric_keys(_OWNER, names)
+        if self._clip is not None:
+            self._clip.validate_names(names)
+        by_optimizer = _params_by_optimizer(trainer.optimizers, params, access)
         noise = None
         if self.gradient_noise_scale is not None:
-            sizes = self._access.full_sizes([entry.param for entry in params])
-            noise = GradientNoise(
-                self._resolved_seed, {entry.index: size for entry, size in zip(params, sizes, strict=True)}
-            )
+            sizes = access.full_sizes([entry.param for entry in params])
+            noise = GradientNoise(fit.seed, {entry.index: size for entry, size in zip(params, sizes, strict=True)})
         # Every rank computes the histograms (sharded ones need a collective); rank 0 keeps them.
-        histograms = self._logging and "gradients" in self.summaries and bool(mlflow_io.mlflow_loggers(trainer.loggers))
-        self._pipeline = GradientPipeline(
+        mlflow = bool(mlflow_io.mlflow_loggers(trainer.loggers))
+        fit.pipeline = GradientPipeline(
             name=self.name,
             noise=noise,
             noise_scale=self.gradient_noise_scale,
             multipliers=multipliers,
-            clip=self.clip_gradients,
-            clip_groups=self._resolve_clip(params),
+            clip=self._clip,
             summaries=self.summaries,
-            access=self._access,
+            access=access,
             metric_keys={entry.index: key for entry, key in zip(params, keys, strict=True)},
             on_nonfinite=self.on_nonfinite,
-            histograms=histograms,
+            histograms=fit.logging and "gradients" in self.summaries and mlflow,
         )
-        self._by_optimizer = {id(optimizer): entries for optimizer, entries in by_optimizer}
+        fit.by_optimizer = {id(optimizer): entries for optimizer, entries in by_optimizer}
         for optimizer, _ in by_optimizer:
             after_step = functools.partial(self._after_optimizer_step, id(optimizer))
-            self._hooks.append(self._access.torch_optimizer(optimizer).register_step_post_hook(after_step))
-        bound = {id(self._access.torch_optimizer(optimizer)) for optimizer, _ in by_optimizer}
+            fit.hooks.append(access.torch_optimizer(optimizer).register_step_post_hook(after_step))
+        bound = {id(access.torch_optimizer(optimizer)) for optimizer, _ in by_optimizer}
         for config in trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             if isinstance(scheduler, LearningRateDecay) and id(scheduler.optimizer) in bound:
                 scheduler.bind_global_step(self._global_step)
-        self._start_mlflow_records(trainer, params, multipliers)
-
-    def _resolve_clip(self, params: list[NamedParameter]) -> dict[int, int] | None:
-        """Per-group clipping: ``{parameter index: group}``; a callable's ``exclude`` globs checked by name."""
-        names = [entry.name for entry in params]
-        if isinstance(self.clip_gradients, dict):
-            group_of = clipping.resolve_clip_groups(_OWNER, self.clip_gradients, names)
-            return {entry.index: group for entry, group in zip(params, group_of, strict=True)}
-        if hasattr(self.clip_gradients, "validate_names"):
-            self.clip_gradients.validate_names(names)
-        return None
+        settings = {
+            "gradient_noise_scale": self.gradient_noise_scale,
+            "multipliers": {names[index]: factor for index, factor in multipliers.items()},
+            "clip_gradients": self.clip_gradients,
+            "variables": None if self.variables is None else names,
+            "summaries": self.summaries,
+            "increment_global_step": self.increment_global_step,
+            "seed": fit.seed,
+            "update_ops": self.update_ops,
+            "colocate_gradients_with_ops": self.colocate_gradients_with_ops,
+        }
+        fit.run_artifacts = run_records.start(trainer, self.name, settings, set(fit.by_optimizer), fit.logging)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if self._run_artifacts is not None:  # upload what the failed fit has
-            self._run_artifacts.finish()
+        if self._fit.run_artifacts is not None:  # upload what the failed fit has
+            self._fit.run_artifacts.finish()
         self._release()  # Lightning calls no teardown hook after an exception
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fit.run_artifacts is not None:
+            self._fit.run_artifacts.finish()
 
     def _release(self) -> None:
         """Remove the optimizer hooks, stop the noise threads, remove the local artifact files."""
-        for handle in self._hooks:
+        fit = self._fit
+        for handle in fit.hooks:
             handle.remove()
-        self._hooks.clear()
-        self._by_optimizer.clear()
-        if self._pipeline is not None and self._pipeline.noise is not None:
-            self._pipeline.noise.close()
-        if self._run_artifacts is not None:
-            self._run_artifacts.cleanup()
-            self._run_artifacts = None
+        fit.hooks.clear()
+        fit.by_optimizer.clear()
+        if fit.pipeline is not None and fit.pipeline.noise is not None:
+            fit.pipeline.noise.close()
+        if fit.run_artifacts is not None:
+            fit.run_artifacts.cleanup()
+            fit.run_artifacts = None
 
     # ------------------------------------------------------------------ the step
 
@@ -302,32 +311,32 @@ class OptimizeLoss(Callback):
         optimizer (``self.optimizers(use_pl_optimizer=False)``), after the backward pass and before
         ``step()``. A second call before the step does nothing.
         """
-        if self._pipeline is None:
+        if self._fit.pipeline is None:
             raise RuntimeError(f"{_OWNER}.apply() runs during trainer.fit(), after the callback's on_fit_start.")
-        if not self._access.at_optimizer_step():  # DeepSpeed's accumulating micro-batches
+        if not self._fit.access.at_optimizer_step():  # DeepSpeed's accumulating micro-batches
             return
-        self._stepped_in_batch = True
+        self._fit.stepped_in_batch = True
         if isinstance(optimizer, LightningOptimizer):
             optimizer = optimizer.optimizer
-        entries = self._by_optimizer.get(id(optimizer))
-        if not entries or id(optimizer) in self._processed:
+        entries = self._fit.by_optimizer.get(id(optimizer))
+        if not entries or id(optimizer) in self._fit.processed:
             return
         step = self.global_step
-        logging = self._logging and step % self._log_every_n_steps == 0
-        gradients = self._pipeline.gather(entries)
+        logging = self._fit.logging and step % self._fit.log_every_n_steps == 0
+        gradients = self._fit.pipeline.gather(entries)
         monitor = None
-        if self.on_nonfinite == "warn" and self._scaler is None:
-            monitor = self._monitors.get(id(optimizer))
+        if self.on_nonfinite == "warn" and self._fit.scaler is None:
+            monitor = self._fit.monitors.get(id(optimizer))
             if monitor is None:
                 names = [entry.name for entry in entries]
-                monitor = self._monitors[id(optimizer)] = NonFiniteMonitor(names, gradients.grads[0].device)
-        outcome = self._pipeline.run(optimizer, gradients, step, logging, monitor)
-        if outcome.skip and self._scaler is None:
+                monitor = self._fit.monitors[id(optimizer)] = NonFiniteMonitor(names, gradients.grads[0].device)
+        outcome = self._fit.pipeline.run(optimizer, gradients, step, logging, monitor)
+        if outcome.skip and self._fit.scaler is None:
             self._handle_nonfinite(optimizer, step, outcome.nonfinite_names)
-        self._processed[id(optimizer)] = outcome
+        self._fit.processed[id(optimizer)] = outcome
 
     def _handle_nonfinite(self, optimizer: Optimizer, step: int, names: list[str]) -> None:
-        shown = ", ".join(repr(name) for name in names[:5]) + (" ..." if len(names) > 5 else "")
+        shown = validation.first_names(names, limit=5)
         if self.on_nonfinite == "raise":
             raise FloatingPointError(
                 f"{_OWNER}: non-finite gradients at global step {step} in {shown} (on_nonfinite='raise')."
@@ -340,15 +349,15 @@ class OptimizeLoss(Callback):
     def _after_optimizer_step(self, key: int, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         """Runs after the step of the optimizer ``id`` ``key`` (not after a step AMP skipped: the GradScaler
         does not call it), once per processed step."""
-        outcome = self._processed.pop(key, None)
+        outcome = self._fit.processed.pop(key, None)
         if outcome is None or outcome.skip:
             return
-        if self._access.params_final_after_step:
+        if self._fit.access.params_final_after_step:
             self._run_update_ops(1)
         else:
-            self._pending_update_ops += 1
+            self._fit.pending_update_ops += 1
         if outcome.record is not None:
-            self._ready.append(outcome.record)
+            self._fit.ready.append(outcome.record)
         if self.increment_global_step:
             self.global_step += 1
 
@@ -363,41 +372,43 @@ class OptimizeLoss(Callback):
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if "loss" in self.summaries and isinstance(loss, Tensor):
             loss = loss.detach().float()
-            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
-            self._loss_count += 1
-        if not self._stepped_in_batch:
+            self._fit.loss_sum = loss if self._fit.loss_sum is None else self._fit.loss_sum + loss
+            self._fit.loss_count += 1
+        if not self._fit.stepped_in_batch:
             return
-        self._run_update_ops(self._pending_update_ops)
-        self._pending_update_ops = 0
-        if self._ready:
+        self._run_update_ops(self._fit.pending_update_ops)
+        self._fit.pending_update_ops = 0
+        if self._fit.ready:
             self._complete_records(pl_module)
             if trainer.is_global_zero:
                 self._deliver(trainer)
-        self._ready.clear()
-        self._processed.clear()
-        self._stepped_in_batch = False
-        self._loss_sum = None
-        self._loss_count = 0
+        self._fit.ready.clear()
+        self._fit.processed.clear()
+        self._fit.stepped_in_batch = False
+        self._fit.loss_sum = None
+        self._fit.loss_count = 0
 
     def _complete_records(self, pl_module: pl.LightningModule) -> None:
         """Add the step's loss (averaged over replicas: a collective every rank runs) and pending warnings."""
-        if self._loss_sum is not None:
+        if self._fit.loss_sum is not None:
             # Lightning divides automatic-optimization losses by accumulate_grad_batches already.
-            loss = self._loss_sum if pl_module.automatic_optimization else self._loss_sum / self._loss_count
-            loss = self._access.mean_over_replicas(loss)
-            for record in self._ready:
-                record.add(f"{self.name}/loss", loss)
-        for key, monitor in self._monitors.items():
-            self._ready[-1].add_extra(f"nonfinite/{key}", monitor.pending())
+            loss = self._fit.loss_sum if pl_module.automatic_optimization else self._fit.loss_sum / self._fit.loss_count
+            loss = self._fit.access.mean_over_replicas(loss)
+            for record in self._fit.ready:
+                record.add(tags.LOSS, loss)
+        for key, monitor in self._fit.monitors.items():
+            self._fit.ready[-1].add_nonfinite(key, monitor.pending())
 
     def _deliver(self, trainer: pl.Trainer) -> None:
-        for record in self._ready:
-            metrics, extras = record.resolve()
-            deliver(trainer.loggers, metrics, record.step)
-            if self._run_artifacts is not None:
-                self._run_artifacts.record(record.step, metrics, record.histograms)
-            for key, values in extras.items():
-                self._warn_nonfinite(self._monitors[int(key.split("/")[1])], values)
+        for record in self._fit.ready:
+            summaries = record.resolve()
+            deliver(trainer.loggers, summaries.metrics, record.step)
+            if self._fit.run_artifacts is not None:
+                self._fit.run_artifacts.record(
+                    record.step, summaries.scalars, summaries.parameter_norms, summaries.histograms
+                )
+            for key, values in summaries.nonfinite.items():
+                self._warn_nonfinite(self._fit.monitors[key], values)
 
     @staticmethod
     def _warn_nonfinite(monitor: NonFiniteMonitor, values: list[float]) -> None:
@@ -407,49 +418,14 @@ class OptimizeLoss(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
-            for monitor in self._monitors.values():
+            for monitor in self._fit.monitors.values():
                 self._warn_nonfinite(monitor, transfers.to_host(monitor.pending()))
-
-    # ------------------------------------------------------------------ MLflow run records
-
-    def _start_mlflow_records(
-        self, trainer: pl.Trainer, params: list[NamedParameter], multipliers: dict[int, float]
-    ) -> None:
-        """Rank 0, with an MLflow logger: log the run configuration (``run_info``), start the artifacts."""
-        if not trainer.is_global_zero or not mlflow_io.mlflow_loggers(trainer.loggers):
-            return
-        names = {entry.index: entry.name for entry in params}
-        configuration = run_info.callback_configuration(
-            name=self.name,
-            gradient_noise_scale=self.gradient_noise_scale,
-            multipliers={names[index]: factor for index, factor in multipliers.items()},
-            clip_gradients=self.clip_gradients,
-            variables=None if self.variables is None else list(names.values()),
-            summaries=self.summaries,
-            increment_global_step=self.increment_global_step,
-            seed=self._resolved_seed,
-            update_ops=self.update_ops,
-            colocate_gradients_with_ops=self.colocate_gradients_with_ops,
-            histogram_bins=histograms.HISTOGRAM_BINS,
-        )
-        optimizers = [
-            (i, optimizer) for i, optimizer in enumerate(trainer.optimizers) if id(optimizer) in self._by_optimizer
-        ]
-        numbered = len(trainer.optimizers) > 1
-        configuration.update(run_info.optimizer_configuration(optimizers, trainer.lr_scheduler_configs, numbered))
-        run_info.log_run_configuration(trainer.loggers, configuration, run_info.run_tags(trainer), self.name)
-        if self._logging:  # the plots of the logged summaries, and the histograms when there are any
-            self._run_artifacts = artifacts.RunArtifacts(trainer.loggers, self.name)
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._run_artifacts is not None:
-            self._run_artifacts.finish()
 
     # ------------------------------------------------------------------ state
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After every restore (strategies such as FSDP2 restore callbacks after on_fit_start).
-        saved = self._loaded_world_size
+        saved = self._fit.loaded_world_size
         if saved is not None and saved != trainer.world_size:
             rank_zero_warn(
                 f"{_OWNER}: resuming a checkpoint written by {saved} process(es) on {trainer.world_size}. Carried "
@@ -459,49 +435,28 @@ class OptimizeLoss(Callback):
                 "processes, and the global batch is per-process batch x processes), so the run does not continue "
                 "bit-identically to the saved one."
             )
-        self._loaded_world_size = None
+        self._fit.loaded_world_size = None
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "global_step": self.global_step,
-            "seed": self._resolved_seed,
-            "world_size": self._world_size,
+            "seed": self._fit.seed,
+            "world_size": self._fit.world_size,
         }
-        if hasattr(self.clip_gradients, "state_dict"):
-            state["clip_gradients"] = self.clip_gradients.state_dict()
+        clip_state = self._clip.state_dict() if self._clip is not None else {}
+        if clip_state:
+            state["clip_gradients"] = clip_state
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._loaded_world_size = state_dict.get("world_size")
+        self._fit.loaded_world_size = state_dict.get("world_size")
         self.global_step = int(state_dict["global_step"])
         if state_dict.get("seed") is not None:
-            self._resolved_seed = int(state_dict["seed"])
-            if self._pipeline is not None and self._pipeline.noise is not None:
-                self._pipeline.noise.seed = self._resolved_seed
-        if "clip_gradients" in state_dict and hasattr(self.clip_gradients, "load_state_dict"):
-            self.clip_gradients.load_state_dict(state_dict["clip_gradients"])
-
-
-# Resolved by setup/on_fit_start from the Trainer: dropped when pickled for ddp_spawn, rebuilt in the worker.
-_RUN_STATE = (
-    "_pipeline",
-    "_access",
-    "_scaler",
-    "_by_optimizer",
-    "_monitors",
-    "_hooks",
-    "_pending_update_ops",
-    "_processed",
-    "_ready",
-    "_stepped_in_batch",
-    "_loss_sum",
-    "_loss_count",
-    "_log_every_n_steps",
-    "_logging",
-    "_world_size",
-    "_loaded_world_size",
-    "_run_artifacts",
-)
+            self._fit.seed = int(state_dict["seed"])
+            if self._fit.pipeline is not None and self._fit.pipeline.noise is not None:
+                self._fit.pipeline.noise.seed = self._fit.seed
+        if "clip_gradients" in state_dict and self._clip is not None:
+            self._clip.load_state_dict(state_dict["clip_gradients"])
 
 
 def _params_by_optimizer(
@@ -524,90 +479,3 @@ def _params_by_optimizer(
             "Pass only optimized parameters (configure_optimizers(..., variables=...) chooses those)."
         )
     return pairs
-
-
-def _check_noise_scale(value: Any) -> NoiseScale | None:
-    if value is None or (callable(value) and not isinstance(value, type)):
-        return value
-    if not validation.is_real(value):
-        raise validation.invalid(
-            _OWNER, "gradient_noise_scale", "None, a finite number >= 0, or a callable of the global step", value
-        )
-    return validation.real(_OWNER, "gradient_noise_scale", value, minimum=0.0)
-
-
-def _check_multipliers(value: Any) -> dict[ParameterKey, float]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise validation.invalid(_OWNER, "gradient_multipliers", "None or a dict {parameter or name: float}", value)
-    checked: dict[ParameterKey, float] = {}
-    for key, factor in value.items():
-        if not isinstance(key, (str, torch.nn.Parameter)):
-            raise validation.invalid(
-                _OWNER, "gradient_multipliers", "a dict keyed by parameter names or nn.Parameter objects", key
-            )
-        argument = f"gradient_multipliers[{key!r}]" if isinstance(key, str) else "gradient_multipliers[<param>]"
-        checked[key] = validation.real(_OWNER, argument, factor)
-    return checked
-
-
-def _check_clip(value: Any) -> float | ClipFn | ClipGroups | None:
-    if value is None or callable(value):
-        return value
-    accepted = (
-        "None, a float > 0 (global-norm clipping), a callable taking (gradient, parameter) pairs, or a dict "
-        "{parameter-name glob: float > 0} (per-group clipping)"
-    )
-    if isinstance(value, Mapping):
-        if not value or not all(isinstance(key, str) and key for key in value):
-            raise validation.invalid(_OWNER, "clip_gradients", accepted, value)
-        return {
-            key: validation.real(_OWNER, f"clip_gradients[{key!r}]", clip, minimum=0.0, strictly=True)
-            for key, clip in value.items()
-        }
-    if not validation.is_real(value):
-        raise validation.invalid(_OWNER, "clip_gradients", accepted, value)
-    return validation.real(_OWNER, "clip_gradients", value, minimum=0.0, strictly=True)
-
-
-def _check_update_ops(value: Any) -> tuple[Callable[[], Any], ...]:
-    if value is None:
-        return ()
-    accepted = "None or a list of zero-argument callables"
-    if callable(value) or isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise validation.invalid(_OWNER, "update_ops", accepted + " (wrap a single callable in a list)", value)
-    ops = tuple(value)
-    for op in ops:
-        if not callable(op):
-            raise validation.invalid(_OWNER, "update_ops", accepted, op)
-    return ops
-
-
-def _check_variables(value: Any) -> list[ParameterKey] | None:
-    if value is None:
-        return None
-    if isinstance(value, (str, torch.Tensor)) or not isinstance(value, Iterable):
-        raise validation.invalid(_OWNER, "variables", "None or a list of parameters or parameter names", value)
-    chosen = list(value)
-    if not chosen:
-        raise validation.invalid(_OWNER, "variables", "None or a non-empty list of parameters or names", value)
-    for key in chosen:
-        if not isinstance(key, (str, torch.nn.Parameter)):
-            raise validation.invalid(_OWNER, "variables", "parameter names (str) or nn.Parameter objects", key)
-    return chosen
-
-
-def _check_name(value: Any) -> str:
-    accepted = "a non-empty string of letters, digits and _ . - / (it prefixes MLflow metric keys)"
-    if not isinstance(value, str) or not value or metric_key(value) != value or " " in value:
-        raise validation.invalid(_OWNER, "name", accepted, value)
-    return value
-
-
-def _check_seed(value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _SEED_LIMIT:
-        raise validation.invalid(_OWNER, "seed", "None or an integer in [0, 2**63)", value)
-    return value

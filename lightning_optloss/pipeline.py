@@ -12,26 +12,44 @@ import itertools
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_optloss.common import validation
+from lightning_optloss.common import tags, validation
 from lightning_optloss.common.parameters import NamedParameter
-from lightning_optloss.distributed.strategies import GradientAccess, Layout
-from lightning_optloss.gradients import clipping, histograms, statistics
+from lightning_optloss.gradients import histograms, statistics
+from lightning_optloss.gradients.contract import ClipTransform, Layout
 from lightning_optloss.gradients.multipliers import multiply_
 from lightning_optloss.gradients.noise import GradientNoise
-from lightning_optloss.gradients.norms import global_norm, parameter_norms
-from lightning_optloss.summaries import GRADIENT_STATISTICS, SummaryRecord, metric_key
+from lightning_optloss.gradients.norms import AllReduceSum, global_norm, parameter_norms
+from lightning_optloss.summaries import SummaryRecord
 
-ClipFn = Callable[..., Sequence[tuple[Tensor | None, Tensor]]]
-ClipGroups = dict[str, float]
 NoiseScale = float | Callable[[int], float]
 NONFINITE_MODES = ("warn", "skip", "raise")
-CLIP_KEYWORDS = ("global_step", "global_norm", "names", "all_reduce_sum")
+
+
+class GradientStore(Protocol):
+    """What the pipeline asks of a strategy (:class:`~lightning_optloss.distributed.strategies.GradientAccess`
+    implements it): where the gradients are, and how to reduce over shards."""
+
+    def local_grads(self, params: Sequence[Tensor]) -> list[Tensor | None]: ...
+
+    def local_params(self, params: Sequence[Tensor]) -> list[Tensor]: ...
+
+    def layouts(self, params: Sequence[Tensor]) -> list[Layout | None]: ...
+
+    def write_back(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None: ...
+
+    def sum_over_shards(self, values: Tensor, layouts: Sequence[Layout | None]) -> Tensor: ...
+
+    def uniform_sum(self, layouts: Sequence[Layout | None]) -> AllReduceSum | None: ...
+
+    def combine_over_shards(
+        self, values: Tensor, layouts: Sequence[Layout | None], combine: Callable[[Tensor], Tensor]
+    ) -> Tensor: ...
 
 
 @dataclass
@@ -97,14 +115,9 @@ class NonFiniteMonitor:
         names = [name for name, flag in zip(self.names, flags, strict=True) if flag]
         return (
             f"OptimizeLoss: non-finite gradients in {count} optimizer step(s), the first at global step "
-            f"{first_step} in {_names(names)}; the updates were applied with them, as TF does. Pass "
-            "on_nonfinite='skip' to skip such steps or 'raise' to stop."
+            f"{first_step} in {validation.first_names(names, limit=5)}; the updates were applied with them, as "
+            "TF does. Pass on_nonfinite='skip' to skip such steps or 'raise' to stop."
         )
-
-
-def _names(names: Sequence[str], limit: int = 5) -> str:
-    shown = ", ".join(repr(name) for name in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 class GradientPipeline:
@@ -115,11 +128,10 @@ class GradientPipeline:
         noise: The seeded noise source, None without noise.
         noise_scale: A float, or a callable of the global step returning the scale.
         multipliers: ``{parameter index: factor}``.
-        clip: None, a float (global-norm clipping), a clip callable (TF's contract), or per-group clipping
-            ``{parameter-name glob: clip norm}`` with ``clip_groups`` resolved.
-        clip_groups: For per-group clipping, ``{parameter index: group index}`` (-1 or absent: unclipped).
+        clip: None, or a clip transform (:class:`~lightning_optloss.gradients.contract.ClipTransform`): it
+            receives the keywords it declares.
         summaries: The summary names to record on logged steps.
-        access: How the strategy holds gradients.
+        access: How the strategy holds gradients (a :class:`GradientStore`).
         metric_keys: ``{parameter index: metric-safe parameter name}``.
         on_nonfinite: ``"warn"``, ``"skip"`` or ``"raise"``.
         histograms: Whether logged steps with the ``gradients`` summary also carry gradient histograms.
@@ -132,10 +144,9 @@ class GradientPipeline:
         noise: GradientNoise | None,
         noise_scale: NoiseScale | None,
         multipliers: dict[int, float],
-        clip: float | ClipFn | ClipGroups | None,
-        clip_groups: dict[int, int] | None = None,
+        clip: ClipTransform | None,
         summaries: Sequence[str],
-        access: GradientAccess,
+        access: GradientStore,
         metric_keys: dict[int, str],
         on_nonfinite: str,
         histograms: bool = False,
@@ -145,15 +156,12 @@ class GradientPipeline:
         self.noise_scale = noise_scale
         self.multipliers = multipliers
         self.clip = clip
-        self.clip_groups = clip_groups or {}
-        self.group_keys = _group_keys(clip) if isinstance(clip, dict) else []
-        self._group_index: dict[tuple[int, ...], Tensor] = {}
         self._magnitudes: dict[tuple[int, ...], Tensor] = {}
         self.summaries = list(summaries)
         self.access = access
         self.metric_keys = metric_keys
         self.on_nonfinite = on_nonfinite
-        self.clip_keywords = [k for k in CLIP_KEYWORDS if callable(clip) and validation.accepts_keyword(clip, k)]
+        self.clip_keywords = frozenset() if clip is None else clip.keywords
         self.global_norms_logged = "global_gradient_norm" in self.summaries or "gradient_norm" in self.summaries
         self.histograms = histograms
 
@@ -202,15 +210,15 @@ class GradientPipeline:
         if scale:
             self.noise.add_(grads, [e.index for e in gradients.entries], step, scale, gradients.layouts)
         multipliers = [self.multipliers.get(e.index, 1.0) for e in gradients.entries] if self.multipliers else None
-        # With float clipping the multipliers go into the clipping pass (a norm scales with its multiplier).
-        fused = multipliers is not None and isinstance(self.clip, float)
+        # A clip declaring `multipliers` applies them in its own pass (a norm scales with its multiplier).
+        fused = multipliers is not None and "multipliers" in self.clip_keywords
         if multipliers is not None and not fused:
             multiply_(grads, multipliers)
         sum_over_shards = self._sum_over_shards(gradients)
         norms = parameter_norms(grads, sum_over_shards)
         if fused:
             norms = norms * self._multiplier_magnitudes(gradients, multipliers, norms)
-        outcome = StepOutcome(SummaryRecord(step) if logging else None)
+        outcome = StepOutcome(SummaryRecord(step, self.name) if logging else None)
         if self.on_nonfinite != "warn":
             names = self._nonfinite_names(gradients, norms)
             if names:
@@ -220,7 +228,7 @@ class GradientPipeline:
             monitor.observe(step, ~torch.isfinite(norms), gradients.positions)
         if outcome.record is not None:
             self._record_before_clipping(outcome.record, optimizer, norms, scale)
-        norms = self._clip(gradients, norms, step, sum_over_shards, outcome.record, multipliers if fused else None)
+        norms = self._clip(gradients, norms, step, sum_over_shards, multipliers if fused else None)
         self.access.write_back([entry.param for entry in gradients.entries], grads)
         if outcome.record is not None:
             self._record_after_clipping(outcome.record, gradients, norms)
@@ -258,19 +266,13 @@ class GradientPipeline:
         gradients: StepGradients,
         norms: Tensor,
         step: int,
-        sum_over_shards: Callable[[Tensor], Tensor] | None,
-        record: SummaryRecord | None,
+        sum_over_shards: AllReduceSum | None,
         multipliers: list[float] | None = None,
     ) -> Tensor:
-        """Clip in place (float clipping also applies ``multipliers``); return the norms after clipping."""
+        """Clip in place (a clip declaring ``multipliers`` also applies them); return the norms after clipping."""
         clip, grads = self.clip, gradients.grads
         if clip is None:
             return norms
-        if isinstance(clip, float):
-            factor = clipping.clip_by_global_norm_(grads, clip, global_norm(norms), multipliers)
-            return norms * factor
-        if isinstance(clip, dict):
-            return self._clip_groups(gradients, norms, record)
         keywords: dict[str, Any] = {}
         if "global_step" in self.clip_keywords:
             keywords["global_step"] = step
@@ -280,50 +282,39 @@ class GradientPipeline:
             keywords["names"] = [entry.name for entry in gradients.entries]
         if "all_reduce_sum" in self.clip_keywords:
             keywords["all_reduce_sum"] = self.access.uniform_sum(gradients.layouts)
-        pairs = list(zip(grads, gradients.params, strict=True))
-        returned = clip(pairs, **keywords)
-        for grad, new in zip(grads, clipped_gradients(clip, pairs, returned), strict=True):
+        if "norms" in self.clip_keywords:
+            keywords["norms"] = norms
+        if "multipliers" in self.clip_keywords:
+            keywords["multipliers"] = multipliers
+        returned = clip(list(zip(grads, gradients.params, strict=True)), **keywords)
+        for grad, (new, _) in zip(grads, returned, strict=True):
             if new is not grad:
                 grad.copy_(new)
-        return parameter_norms(grads, sum_over_shards)
-
-    def _clip_groups(self, gradients: StepGradients, norms: Tensor, record: SummaryRecord | None) -> Tensor:
-        """Per-group clipping: each glob's parameters clipped by their own global norm."""
-        group_of = [self.clip_groups.get(entry.index, -1) for entry in gradients.entries]
-        clip_norms = list(self.clip.values())
-        group_norms, factors = clipping.clip_groups_by_global_norm_(gradients.grads, group_of, clip_norms, norms)
-        if record is not None and self.global_norms_logged:
-            tags = [f"{self.name}/global_norm/{key}/gradient_norm" for key in self.group_keys]
-            record.add_rows(tags, group_norms)
-            clipped = [f"{self.name}/global_norm/{key}/clipped_gradient_norm" for key in self.group_keys]
-            record.add_rows(clipped, group_norms * factors)
-        index = self._group_index.get(tuple(group_of))
-        if index is None:  # one host-to-device copy per distinct set of parameters with gradients
-            index = self._group_index[tuple(group_of)] = torch.tensor(group_of, device=factors.device)
-        return norms * torch.cat([factors, factors.new_ones(1)])[index]  # group -1 (unclipped): factor 1
+        return clip.clipped_norms(grads, norms, sum_over_shards)
 
     def _record_before_clipping(self, record: SummaryRecord, optimizer: Optimizer, norms: Tensor, scale: float) -> None:
         if "learning_rate" in self.summaries:
-            record.add(f"{self.name}/learning_rate", optimizer.param_groups[0]["lr"])
+            record.add(tags.LEARNING_RATE, optimizer.param_groups[0]["lr"])
         if callable(self.noise_scale):
-            record.add(f"{self.name}/gradient_noise_scale", scale)
+            record.add(tags.NOISE_SCALE, scale)
         if self.global_norms_logged:
-            record.add(f"{self.name}/global_norm/gradient_norm", global_norm(norms))
+            record.add(tags.GLOBAL_NORM, global_norm(norms))
 
     def _record_after_clipping(self, record: SummaryRecord, gradients: StepGradients, norms: Tensor) -> None:
-        for tag, value in getattr(self.clip, "summaries", dict)().items():
-            record.add(f"{self.name}/{tag}", value)
+        if self.clip is not None:
+            for tag, value in self.clip.summaries().items():
+                record.add(tag, value)
         keys = [self.metric_keys[entry.index] for entry in gradients.entries]
         if self.clip is not None and self.global_norms_logged:
-            record.add(f"{self.name}/global_norm/clipped_gradient_norm", global_norm(norms))
+            record.add(tags.CLIPPED_GLOBAL_NORM, global_norm(norms))
         if "gradient_norm" in self.summaries:
-            record.add_rows([f"{self.name}/gradient_norm/{key}" for key in keys], norms)
+            record.add_parameter_norms(keys, norms)
         if "gradients" in self.summaries:
             moments = statistics.local_moments(gradients.grads, norms.dtype)
             if gradients.sharded:
                 moments = self.access.combine_over_shards(moments, gradients.layouts, statistics.combine_moments)
-            tags = [f"{self.name}/gradients/{key}/{statistic}" for key in keys for statistic in GRADIENT_STATISTICS]
-            record.add_rows(tags, statistics.gradient_statistics(moments, norms))
+            statistic_tags = [tags.gradient_statistic(key, stat) for key in keys for stat in tags.GRADIENT_STATISTICS]
+            record.add_rows(statistic_tags, statistics.gradient_statistics(moments, norms))
             if self.histograms:
                 record.add_histograms([entry.name for entry in gradients.entries], self._histograms(gradients, moments))
 
@@ -334,39 +325,3 @@ class GradientPipeline:
             counts = self.access.combine_over_shards(table[:, 2:], gradients.layouts, lambda parts: parts.sum(0))
             table = torch.cat([table[:, :2], counts], dim=1)
         return table
-
-
-def _group_keys(groups: ClipGroups) -> list[str]:
-    """Metric-safe keys for the clip groups' globs (``encoder.*`` → ``encoder._``), made unique."""
-    keys: list[str] = []
-    for index, pattern in enumerate(groups):
-        key = metric_key(pattern)
-        keys.append(key if key not in keys else f"{key}_{index}")
-    return keys
-
-
-def clipped_gradients(clip: ClipFn, pairs: list[tuple[Tensor, Tensor]], returned: Any) -> list[Tensor]:
-    """The gradients a clip callable returned, checked against TF's contract."""
-    fn = validation.callable_name(clip)
-    if not isinstance(returned, (list, tuple)) or len(returned) != len(pairs):
-        raise ValueError(
-            f"OptimizeLoss: clip_gradients callable {fn} must return a list of {len(pairs)} "
-            f"(gradient, parameter) pairs, like the one it was given; it returned {validation.show(returned)}."
-        )
-    grads = []
-    for position, (item, (grad, param)) in enumerate(zip(returned, pairs, strict=True)):
-        if not isinstance(item, (list, tuple)) or len(item) != 2 or item[1] is not param:
-            raise ValueError(
-                f"OptimizeLoss: clip_gradients callable {fn} returned {validation.show(item)} at position "
-                f"{position}; expected the pair (gradient, parameter) with the same parameter as given."
-            )
-        new = item[0]
-        if not isinstance(new, Tensor) or new.shape != grad.shape:
-            shape = tuple(new.shape) if isinstance(new, Tensor) else None
-            raise ValueError(
-                f"OptimizeLoss: clip_gradients callable {fn} returned a gradient of shape {shape} "
-                f"({validation.show(new) if shape is None else 'a tensor'}) at position {position}; the "
-                f"parameter's gradient has shape {tuple(grad.shape)}."
-            )
-        grads.append(new)
-    return grads

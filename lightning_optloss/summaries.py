@@ -1,15 +1,14 @@
-"""TF's optimizer summaries: names, tags, and delivery to the Trainer's loggers.
+"""TF's optimizer summaries: names, the per-step record, and delivery to the Trainer's loggers.
 
 TF wrote summaries to TensorBoard event files; here they go to every logger of the Trainer (MLflow loggers
-first) as metrics, under TF's tags with the callback's ``name`` as prefix. MLflow has no histogram type,
-so TF's ``gradients`` histograms become statistics metrics (``.../gradients/<param>/mean`` ...) plus, with an
-MLflow logger, binned histograms (:mod:`lightning_optloss.gradients.histograms`) that travel in the same transfer and
-become run artifacts.
+first) as metrics, under TF's tags (:mod:`lightning_optloss.common.tags`) with the callback's ``name`` as
+prefix. MLflow has no histogram type, so TF's ``gradients`` histograms become statistics metrics
+(``.../gradients/<param>/mean`` ...) plus, with an MLflow logger, binned histograms
+(:mod:`lightning_optloss.gradients.histograms`) that travel in the same transfer and become run artifacts.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -17,15 +16,11 @@ import torch
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from torch import Tensor
 
-from lightning_optloss.common import transfers, validation
+from lightning_optloss.common import tags, transfers, validation
 from lightning_optloss.gradients.histograms import Histogram
 
 OPTIMIZER_SUMMARIES = ["learning_rate", "loss", "gradients", "gradient_norm", "global_gradient_norm"]
 DEFAULT_SUMMARIES = ["loss", "learning_rate", "global_gradient_norm"]
-GRADIENT_STATISTICS = ("mean", "std", "min", "max", "norm")
-
-# MLflow's logger silently drops other characters from metric keys; names are made to fit up front.
-_UNSAFE_KEY_CHARACTERS = re.compile(r"[^a-zA-Z0-9_/. -]")
 
 
 def validate(owner: str, summaries: Iterable[str] | None) -> list[str]:
@@ -43,43 +38,48 @@ def validate(owner: str, summaries: Iterable[str] | None) -> list[str]:
     return chosen
 
 
-def metric_key(name: str) -> str:
-    """``name`` with every character MLflow would drop replaced by ``_``."""
-    return _UNSAFE_KEY_CHARACTERS.sub("_", name)
+@dataclass
+class StepSummaries:
+    """One logged step's summaries on the host, as metrics and as the structured values they came from.
 
+    Attributes:
+        step: The global step of the gradients.
+        metrics: ``{metric key: value}``, what the loggers receive.
+        scalars: ``{tag: value}`` of the step's single values (loss, learning rate, global norms, clip values).
+        parameter_norms: ``{parameter key: gradient norm}`` (summary ``gradient_norm``), in the module's order.
+        histograms: The gradient histograms (summary ``gradients`` with an MLflow logger).
+        nonfinite: ``{monitor id: values}`` of the non-finite bookkeeping that rode along (not metrics).
+    """
 
-def metric_keys(owner: str, names: Sequence[str]) -> list[str]:
-    """Metric-safe keys for parameter names; an error if two names collide after replacement."""
-    keys = [metric_key(name) for name in names]
-    seen: dict[str, str] = {}
-    for name, key in zip(names, keys, strict=True):
-        if key in seen:
-            raise ValueError(
-                f"{owner}: parameters {seen[key]!r} and {name!r} both become metric key {key!r} "
-                "(MLflow keys allow only letters, digits and _/. -); rename one of them."
-            )
-        seen[key] = name
-    return keys
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    scalars: dict[str, float] = field(default_factory=dict)
+    parameter_norms: dict[str, float] = field(default_factory=dict)
+    histograms: list[Histogram] = field(default_factory=list)
+    nonfinite: dict[int, list[float]] = field(default_factory=dict)
 
 
 @dataclass
 class SummaryRecord:
     """The summaries of one optimizer step, still on the device until :meth:`resolve`.
 
-    ``step`` is the global step at which the gradients were computed (0 for the first update). Histogram
-    tables (:func:`~lightning_optloss.gradients.histograms.histogram_table`) travel in the same single copy;
-    :meth:`resolve` leaves them in :attr:`histograms`.
+    ``step`` is the global step at which the gradients were computed (0 for the first update); ``name`` is the
+    callback's, the prefix of every metric key. Tags are relative to it (:mod:`lightning_optloss.common.tags`).
+    Everything, histogram tables included, is copied to the host in one transfer.
     """
 
     step: int
+    name: str = "OptimizeLoss"
     values: dict[str, float] = field(default_factory=dict)
     tensors: dict[str, Tensor] = field(default_factory=dict)
     vectors: list[tuple[list[str], Tensor]] = field(default_factory=list)
-    extras: dict[str, Tensor] = field(default_factory=dict)
+    norm_keys: list[str] = field(default_factory=list)
+    norms: Tensor | None = None
+    nonfinite: dict[int, Tensor] = field(default_factory=dict)
     histogram_tables: list[tuple[list[str], Tensor]] = field(default_factory=list)
-    histograms: list[Histogram] = field(default_factory=list)
 
     def add(self, tag: str, value: Tensor | float) -> None:
+        """Add one value (a float, or a 0-d tensor) under ``tag``."""
         if isinstance(value, Tensor):
             self.tensors[tag] = value
         else:
@@ -89,47 +89,57 @@ class SummaryRecord:
         """Add ``values.reshape(-1)[i]`` under ``tags[i]``."""
         self.vectors.append((tags, values))
 
-    def add_extra(self, key: str, values: Tensor) -> None:
-        """Values that travel with the summaries but are not metrics (e.g. non-finite bookkeeping)."""
-        self.extras[key] = values
+    def add_parameter_norms(self, keys: list[str], norms: Tensor) -> None:
+        """Add each parameter's gradient norm (``keys[i]``: parameter ``i``'s metric key)."""
+        self.norm_keys, self.norms = keys, norms
+
+    def add_nonfinite(self, monitor: int, values: Tensor) -> None:
+        """Values that travel with the summaries but are not metrics: a non-finite monitor's bookkeeping."""
+        self.nonfinite[monitor] = values
 
     def add_histograms(self, params: list[str], table: Tensor) -> None:
         """Add the histograms of ``params``: row ``i`` of ``table`` (``histogram_table``) is ``params[i]``'s."""
         self.histogram_tables.append((params, table))
 
-    def resolve(self) -> tuple[dict[str, float], dict[str, list[float]]]:
-        """The metrics and the extras as Python floats, with one device-to-host transfer for all tensors.
-
-        The histograms come back in the same transfer and are left in :attr:`histograms`.
-        """
+    def resolve(self) -> StepSummaries:
+        """The summaries as Python floats, with one device-to-host transfer for all tensors."""
+        norms = [] if self.norms is None else [self.norms]
         parts = [value.reshape(-1) for value in self.tensors.values()]
-        parts += [values.reshape(-1) for _, values in self.vectors]
-        parts += [values.reshape(-1) for values in self.extras.values()]
+        parts += [values.reshape(-1) for values in [*(v for _, v in self.vectors), *norms, *self.nonfinite.values()]]
         parts += [table.reshape(-1) for _, table in self.histogram_tables]
-        metrics = dict(self.values)
-        if not parts:
-            return metrics, {}
-        device = parts[0].device
-        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-        numbers = transfers.to_host(torch.cat([part.to(device, dtype) for part in parts]))
+        resolved = StepSummaries(self.step, scalars=dict(self.values))
+        numbers = self._to_host(parts)
         position = 0
         for tag in self.tensors:
-            metrics[tag] = numbers[position]
+            resolved.scalars[tag] = numbers[position]
             position += 1
-        for tags, _ in self.vectors:
-            metrics.update(zip(tags, numbers[position : position + len(tags)], strict=True))
-            position += len(tags)
-        extras = {}
-        for key, values in self.extras.items():
-            extras[key] = numbers[position : position + values.numel()]
+        rows: dict[str, float] = {}
+        for tags_, _ in self.vectors:
+            rows.update(zip(tags_, numbers[position : position + len(tags_)], strict=True))
+            position += len(tags_)
+        count = len(self.norm_keys)
+        resolved.parameter_norms = dict(zip(self.norm_keys, numbers[position : position + count], strict=True))
+        position += count
+        for monitor, values in self.nonfinite.items():
+            resolved.nonfinite[monitor] = numbers[position : position + values.numel()]
             position += values.numel()
-        self.histograms = []
         for params, table in self.histogram_tables:
             width = table.shape[-1]
             for param in params:
-                self.histograms.append(Histogram.from_row(param, numbers[position : position + width]))
+                resolved.histograms.append(Histogram.from_row(param, numbers[position : position + width]))
                 position += width
-        return metrics, extras
+        named = {**resolved.scalars, **rows}
+        named.update((tags.parameter_norm(key), value) for key, value in resolved.parameter_norms.items())
+        resolved.metrics = {tags.metric(self.name, tag): value for tag, value in named.items()}
+        return resolved
+
+    @staticmethod
+    def _to_host(parts: list[Tensor]) -> list[float]:
+        if not parts:
+            return []
+        device = parts[0].device
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        return transfers.to_host(torch.cat([part.to(device, dtype) for part in parts]))
 
 
 def mlflow_first(loggers: Iterable[Logger]) -> list[Logger]:

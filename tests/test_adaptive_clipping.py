@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lightning_optloss import adaptive_clipping_fn
-from lightning_optloss.gradients.adaptive_clipping import MAX_NORM_TAG
+from lightning_optloss.common.tags import ADAPTIVE_MAX_NORM as MAX_NORM_TAG
 
 F = np.float32
 

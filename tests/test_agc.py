@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from lightning_optloss import UnitwiseClipping, agc_clipping_fn
 from lightning_optloss.common import validation
-from lightning_optloss.gradients.agc import CLIPPED_FRACTION_TAG
+from lightning_optloss.common.tags import AGC_CLIPPED_FRACTION as CLIPPED_FRACTION_TAG
 
 
 def agc_reference(grad: torch.Tensor, param: torch.Tensor, clip_factor: float, eps: float) -> tuple[np.ndarray, int]:
@@ -229,12 +229,13 @@ def test_validate_names_rejects_a_glob_that_matches_nothing_and_names_close_ones
     agc_clipping_fn(exclude=head_predicate).validate_names(NAMES)  # a predicate cannot be checked
 
 
-def test_the_callable_accepts_the_contract_keywords():
+def test_the_clip_declares_its_contract_keywords_and_keeps_no_state():
     clip = agc_clipping_fn()
-    for keyword in ("names", "all_reduce_sum"):
+    assert clip.keywords == {"names", "all_reduce_sum"}
+    for keyword in clip.keywords:  # the declaration matches the signature
         assert validation.accepts_keyword(clip, keyword)
-    assert not validation.accepts_keyword(clip, "global_norm")
-    assert hasattr(clip, "summaries") and not hasattr(clip, "state_dict")
+    assert clip.needs_whole_rows
+    assert clip.state_dict() == {}
 
 
 # ------------------------------------------------------------------ sharded (FSDP Shard(0)), simulated

@@ -15,7 +15,7 @@ from support import TinyRegression, make_trainer, metric_history, regression_dat
 
 from lightning_optloss import OPTIMIZER_SUMMARIES, OptimizeLoss, adaptive_clipping_fn, add_transfer_hook
 from lightning_optloss.mlflow import plots
-from lightning_optloss.mlflow.artifacts import Thinned, largest_parameter_histograms
+from lightning_optloss.mlflow.artifacts import Thinned
 
 PARAMS = {"w1": 32, "b1": 8, "w2": 24, "b2": 3}  # TinyRegression's parameters and sizes
 PLOTS = ["gradient_histograms.png", "gradient_norms.png", "training_curves.png"]
@@ -112,7 +112,7 @@ def test_a_fit_that_fails_midway_uploads_what_it_has(mlflow_logger, tmp_path, dr
     assert sorted({line["step"] for line in histogram_lines(mlflow_logger, tmp_path)}) == [0, 1, 2, 3]
     assert artifact_names(mlflow_logger, "optimize_loss/plots") == PLOTS
     assert MlflowClient(mlflow_logger._tracking_uri).get_run(mlflow_logger.run_id).info.status == "FAILED"
-    assert callback._run_artifacts is None  # teardown removed the local copy
+    assert callback._fit.run_artifacts is None  # teardown removed the local copy
 
 
 def test_local_files_are_removed_after_the_upload(mlflow_logger):
@@ -129,19 +129,6 @@ def test_thinned_keeps_a_bounded_evenly_spaced_sample():
     gaps = set(np.diff(thinned.items))
     assert gaps == {thinned.stride}
     assert thinned.items[0] == 0
-
-
-def test_largest_parameters_and_evenly_spaced_steps_are_read_from_the_histogram_file(tmp_path):
-    path = tmp_path / "gradients.jsonl"
-    sizes = {"small": 3, "big": 100, "middle": 10}
-    with path.open("w") as file:
-        for step in range(0, 100, 5):
-            for name, size in sizes.items():
-                counts = [size] + [0] * 29
-                file.write(json.dumps({"step": step, "param": name, "edges": [0.0] * 31, "counts": counts}) + "\n")
-    chosen = largest_parameter_histograms(path, parameters=2, steps=4)
-    assert list(chosen) == ["big", "middle"]  # the module's order, not the size order
-    assert [row[0] for row in chosen["big"]] == [0, 30, 65, 95]
 
 
 def test_plots_cope_with_single_steps_missing_series_and_non_finite_values(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightning_optloss import AutoClipping, autoclip_fn
-from lightning_optloss.gradients.autoclip import THRESHOLD_TAG
+from lightning_optloss.common.tags import AUTOCLIP_THRESHOLD as THRESHOLD_TAG
 
 # torch.nanquantile interpolates in float32 (the buffer's dtype): its weight (q * (n - 1)) % 1 is a float32,
 # so a threshold between far-apart norms is a few float32 ulps off np.percentile's float64.

@@ -398,5 +398,5 @@ def test_callback_pickles_without_its_run_state():
     fit([callback], steps=2)
     clone = pickle.loads(pickle.dumps(callback))
     assert clone.global_step == 2 and clone.seed == 3
-    assert clone._pipeline is None and clone._hooks == []
+    assert clone._fit.pipeline is None and clone._fit.hooks == []
     torch.testing.assert_close(clone.clip_gradients.mean, callback.clip_gradients.mean)

@@ -73,18 +73,27 @@ def test_histograms_ride_in_the_single_transfer_of_the_record():
     transfers = []
     handle = add_transfer_hook(transfers.append)
     try:
-        record = SummaryRecord(step=5)
-        record.add("OptimizeLoss/loss", torch.tensor(0.5))
+        record = SummaryRecord(step=5, name="OptimizeLoss")
+        record.add("loss", torch.tensor(0.5))
         record.add_rows(["a", "b"], torch.tensor([1.0, 2.0]))
+        record.add_parameter_norms(["w", "b"], torch.tensor([3.0, 4.0]))
         grads = [torch.arange(10.0), torch.ones(3)]
         record.add_histograms(["w", "b"], histogram_table(grads, bins=5))
-        metrics, extras = record.resolve()
+        summaries = record.resolve()
     finally:
         handle.remove()
     assert len(transfers) == 1
-    assert metrics == {"OptimizeLoss/loss": 0.5, "a": 1.0, "b": 2.0}
-    assert extras == {}
-    first, second = record.histograms
+    assert summaries.metrics == {
+        "OptimizeLoss/loss": 0.5,
+        "OptimizeLoss/a": 1.0,
+        "OptimizeLoss/b": 2.0,
+        "OptimizeLoss/gradient_norm/w": 3.0,
+        "OptimizeLoss/gradient_norm/b": 4.0,
+    }
+    assert summaries.scalars == {"loss": 0.5}
+    assert summaries.parameter_norms == {"w": 3.0, "b": 4.0}
+    assert summaries.nonfinite == {}
+    first, second = summaries.histograms
     assert (first.param, first.counts, first.edges) == ("w", [2, 2, 2, 2, 2], [0.0, 1.8, 3.6, 5.4, 7.2, 9.0])
     assert (second.param, second.counts) == ("b", [3, 0, 0, 0, 0])
 

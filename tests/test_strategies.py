@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import pytest
 from lightning.pytorch.strategies import FSDPStrategy
 
-from lightning_optloss import agc_clipping_fn
+from lightning_optloss import agc_clipping_fn, callback_arguments
 from lightning_optloss.distributed import strategies
 
 sys.path.insert(0, str(Path(__file__).parent / "distributed"))
@@ -22,7 +22,8 @@ def _trainer(strategy, **kwargs) -> pl.Trainer:
 
 def _check(trainer: pl.Trainer, clip_gradients=None, on_nonfinite: str = "warn") -> None:
     access = strategies.gradient_access("OptimizeLoss", trainer.strategy)
-    access.check("OptimizeLoss", trainer, clip_gradients, on_nonfinite)
+    clip = callback_arguments.clip_transform(callback_arguments.check_clip(clip_gradients), [])
+    access.check("OptimizeLoss", trainer, clip, on_nonfinite)
 
 
 class CPUFSDPStrategy(FSDPStrategy):

@@ -256,7 +256,7 @@ def test_failure_at_fit_start_leaves_no_hooks_and_no_bound_scheduler():
     (optimizer,) = trainer.optimizers
     assert not optimizer._optimizer_step_post_hooks
     assert trainer.lr_scheduler_configs[0].scheduler._global_step is None
-    assert callback._pipeline is None and callback.global_step == 0
+    assert callback._fit.pipeline is None and callback.global_step == 0
 
 
 def test_decay_fn_failing_later_names_itself_and_the_step():

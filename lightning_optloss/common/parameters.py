@@ -52,7 +52,7 @@ class ModuleParameters:
                 hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
                 raise ValueError(
                     f"{owner}: `{argument}` names {key!r}, which is not a parameter of the module; "
-                    f"its parameters are {_listing(self.by_name)}.{hint}"
+                    f"its parameters are {validation.first_names(self.by_name)}.{hint}"
                 )
             return entry
         if isinstance(key, torch.Tensor):
@@ -109,7 +109,7 @@ class ModuleParameters:
             if entry.index not in allowed_indices:
                 raise ValueError(
                     f"{owner}: `{argument}` has a key for {entry.name!r}, which is not among the parameters "
-                    f"this callback processes (`variables`: {_listing(e.name for e in allowed)})."
+                    f"this callback processes (`variables`: {validation.first_names(e.name for e in allowed)})."
                 )
             if entry.index in resolved:
                 raise ValueError(f"{owner}: `{argument}` has two keys for parameter {entry.name!r}.")
@@ -119,9 +119,3 @@ class ModuleParameters:
 
 def _describe(key: Any) -> str:
     return repr(key) if isinstance(key, str) else "a parameter object"
-
-
-def _listing(names: Iterable[str], limit: int = 12) -> str:
-    names = list(names)
-    shown = ", ".join(repr(name) for name in names[:limit])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")

@@ -108,6 +108,17 @@ def callable_name(fn: Any) -> str:
     return f"{name} (a functools.partial)" if inner is not fn else name
 
 
+def first_names(names: Iterable[str], limit: int = 12) -> str:
+    """The first ``limit`` names quoted, for messages: ``'a', 'b', ... (30 in all)`` (empty for none).
+
+    >>> first_names(["a", "b", "c"], limit=2)
+    "'a', 'b', ... (3 in all)"
+    """
+    names = list(names)
+    shown = ", ".join(repr(name) for name in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
 def unmatched_pattern(owner: str, argument: str, pattern: str, names: Iterable[str]) -> ValueError:
     """The error for a parameter-name glob in ``argument`` that matches none of ``names`` (a typo, usually).
 
@@ -118,8 +129,7 @@ def unmatched_pattern(owner: str, argument: str, pattern: str, names: Iterable[s
     if close:
         hint = "close names: " + ", ".join(repr(name) for name in close)
     else:
-        shown = ", ".join(repr(name) for name in names[:12])
-        hint = "the names are " + (shown + (f", ... ({len(names)} in all)" if len(names) > 12 else "") or "none")
+        hint = "the names are " + (first_names(names) or "none")
     return ValueError(
         f"{owner}: `{argument}` has the pattern {pattern!r}, which matches no parameter name ({hint}). "
         "Patterns are fnmatch globs on names such as 'encoder.layer1.weight' ('*' also matches dots)."

@@ -50,12 +50,13 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.optim import Optimizer
 
 from lightning_optloss.common import validation
-from lightning_optloss.gradients.agc import UnitwiseClipping
+from lightning_optloss.gradients.contract import ClipTransform
 
 
 @dataclass(frozen=True)
 class ShardLayout:
-    """Where this process's shard of a gradient sits in the full gradient.
+    """Where this process's shard of a gradient sits in the full gradient (a
+    :class:`~lightning_optloss.gradients.contract.Layout`).
 
     Attributes:
         full_shape: The shape of the whole parameter.
@@ -129,7 +130,7 @@ Layout = ShardLayout | FlatShardLayout
 class GradientAccess:
     """Gradients held whole by every process: one device, or DDP (already averaged there)."""
 
-    keeps_rows_whole = True  # every row along dim 0 of a >= 2-d gradient lies on one process (AGC's units)
+    keeps_rows_whole = True  # every row along dim 0 of a >= 2-d gradient lies on one process (see needs_whole_rows)
     params_final_after_step = True  # the module's parameters hold the update when the optimizer's step ends
 
     def __init__(self, strategy: Strategy) -> None:
@@ -146,12 +147,12 @@ class GradientAccess:
         """The number of elements of each whole parameter (local shards count as their parameter)."""
         return [param.numel() for param in params]
 
-    def check(self, owner: str, trainer: pl.Trainer, clip_gradients: Any, on_nonfinite: str) -> None:
-        """At ``setup``: raise ``ValueError`` for what this strategy cannot combine with OptimizeLoss, warn
-        about what it does differently."""
-        if isinstance(clip_gradients, UnitwiseClipping) and not self.keeps_rows_whole:
+    def check(self, owner: str, trainer: pl.Trainer, clip: ClipTransform | None, on_nonfinite: str) -> None:
+        """At ``setup``: raise ``ValueError`` for what this strategy cannot combine with OptimizeLoss (a clip
+        that ``needs_whole_rows`` where rows are split, ...), warn about what it does differently."""
+        if clip is not None and clip.needs_whole_rows and not self.keeps_rows_whole:
             raise ValueError(
-                f"{owner}: clip_gradients={validation.show(clip_gradients)} clips rows of parameters, which "
+                f"{owner}: clip_gradients={validation.show(clip)} clips rows of parameters, which "
                 f"{type(self.strategy).__name__} splits across processes (flat shards); use DDP, FSDP2 "
                 "(ModelParallelStrategy with fully_shard) or DeepSpeed ZeRO 1/2, which keep every row on one process."
             )
@@ -381,8 +382,8 @@ class DeepSpeedGradientAccess(ShardedGradientAccess):
         self.params_final_after_step = False
         self._engine: Any = None
 
-    def check(self, owner: str, trainer: pl.Trainer, clip_gradients: Any, on_nonfinite: str) -> None:
-        super().check(owner, trainer, clip_gradients, on_nonfinite)
+    def check(self, owner: str, trainer: pl.Trainer, clip: ClipTransform | None, on_nonfinite: str) -> None:
+        super().check(owner, trainer, clip, on_nonfinite)
         precision = str(trainer.precision_plugin.precision)
         if precision.startswith("16") or self.strategy.config.get("fp16", {}).get("enabled"):
             raise ValueError(
@@ -395,9 +396,9 @@ class DeepSpeedGradientAccess(ShardedGradientAccess):
                 f"{owner}: on_nonfinite='skip' cannot skip DeepSpeed's step (it runs inside the engine); use "
                 "on_nonfinite='warn' or 'raise' with DeepSpeed."
             )
-        if clip_gradients is not None and self.strategy.config.get("gradient_clipping"):
+        if clip is not None and self.strategy.config.get("gradient_clipping"):
             raise ValueError(
-                f"{owner}: clip_gradients={validation.show(clip_gradients)} and DeepSpeed's gradient_clipping="
+                f"{owner}: clip_gradients={clip!r} and DeepSpeed's gradient_clipping="
                 f"{self.strategy.config['gradient_clipping']} would clip twice; keep one of them."
             )
         if trainer.accumulate_grad_batches > 1:

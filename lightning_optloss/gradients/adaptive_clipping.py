@@ -9,15 +9,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_optloss.common import validation
+from lightning_optloss.common import tags, validation
 from lightning_optloss.gradients import clipping
+from lightning_optloss.gradients.contract import ClipBase, GradsAndVars
 
-GradsAndVars = list[tuple[Tensor | None, Tensor]]
 _OWNER = "adaptive_clipping_fn"
-MAX_NORM_TAG = "global_norm/adaptive_max_gradient_norm"
 
 
-class AdaptiveClipping:
+class AdaptiveClipping(ClipBase):
     """Clip the global gradient norm against moving statistics of its logarithm.
 
     Implements section 3.2.1 of https://arxiv.org/abs/1412.1602 exactly as TF does. With ``n`` the global
@@ -41,6 +40,8 @@ class AdaptiveClipping:
     :class:`~lightning_optloss.OptimizeLoss`: called with a list of ``(grad, param)`` pairs and the keywords
     ``global_step`` and ``global_norm``, it returns the same pairs with the gradients scaled in place.
     """
+
+    keywords = frozenset({"global_step", "global_norm"})
 
     def __init__(
         self,
@@ -108,7 +109,7 @@ class AdaptiveClipping:
         """``{"global_norm/adaptive_max_gradient_norm": max_norm}`` when ``report_summary``, after a call."""
         if not self.report_summary or self._max_norm is None:
             return {}
-        return {MAX_NORM_TAG: self._max_norm}
+        return {tags.ADAPTIVE_MAX_NORM: self._max_norm}
 
     def state_dict(self) -> dict[str, Any]:
         return {"mean": self.mean.detach().cpu(), "sq_mean": self.sq_mean.detach().cpu()}

@@ -9,13 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_optloss.common import validation
-from lightning_optloss.gradients.norms import AllReduceSum
+from lightning_optloss.common import tags, validation
+from lightning_optloss.gradients.contract import AllReduceSum, ClipBase, GradsAndVars
 
-GradsAndVars = list[tuple[Tensor | None, Tensor]]
 Exclude = str | Iterable[str] | Callable[[str], bool] | None
 _OWNER = "agc_clipping_fn"
-CLIPPED_FRACTION_TAG = "clip/agc_clipped_fraction"
 _CACHED_NAME_LISTS = 8  # exclusion masks kept, one per distinct list of names (one per optimizer)
 
 
@@ -58,7 +56,7 @@ def agc_factors(grad_norms: Tensor, param_norms: Tensor, clip_factor: float, eps
     return torch.where(clipped, max_norm / safe, torch.ones_like(max_norm)), clipped
 
 
-class UnitwiseClipping:
+class UnitwiseClipping(ClipBase):
     """Adaptive gradient clipping, unit-wise: ``g_i ← g_i · λ·max(‖w_i‖, ε) / ‖g_i‖`` where that ratio is < 1.
 
     For every unit ``i`` (a row along dim 0 of a parameter with ``ndim >= 2``, or the whole parameter when
@@ -98,6 +96,9 @@ class UnitwiseClipping:
         Normalization", ICML 2021, section 4.1, https://arxiv.org/abs/2102.06171; reference
         implementation ``nfnets/optim.py`` and ``unitwise_norm`` in google-deepmind/deepmind-research.
     """
+
+    keywords = frozenset({"names", "all_reduce_sum"})
+    needs_whole_rows = True  # a unit is a row along dim 0: strategies that split rows refuse AGC
 
     def __init__(self, clip_factor: float, eps: float, exclude: tuple[str, ...] | Callable[[str], bool]) -> None:
         self.clip_factor = clip_factor
@@ -217,7 +218,7 @@ class UnitwiseClipping:
 
     def summaries(self) -> dict[str, Tensor]:
         """``{"clip/agc_clipped_fraction": fraction}`` after a call (fraction of non-excluded units clipped)."""
-        return {} if self._fraction is None else {CLIPPED_FRACTION_TAG: self._fraction}
+        return {} if self._fraction is None else {tags.AGC_CLIPPED_FRACTION: self._fraction}
 
     def __repr__(self) -> str:
         return f"agc_clipping_fn(clip_factor={self.clip_factor}, eps={self.eps}, exclude={self.exclude!r})"

@@ -9,15 +9,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_optloss.common import validation
+from lightning_optloss.common import tags, validation
 from lightning_optloss.gradients import clipping
+from lightning_optloss.gradients.contract import ClipBase, GradsAndVars
 
-GradsAndVars = list[tuple[Tensor | None, Tensor]]
 _OWNER = "autoclip_fn"
-THRESHOLD_TAG = "global_norm/autoclip_threshold"
 
 
-class AutoClipping:
+class AutoClipping(ClipBase):
     """Clip by global norm at the ``percentile``-th percentile of the last ``history`` global norms.
 
     Each call does the paper's Algorithm 1 on the global norm ``n`` of the gradients::
@@ -49,6 +48,8 @@ class AutoClipping:
         Seetharaman, Wichern, Pardo & Le Roux, "AutoClip: Adaptive Gradient Clipping for Source Separation
         Networks", IEEE MLSP 2020, https://arxiv.org/abs/2007.14469
     """
+
+    keywords = frozenset({"global_norm"})
 
     def __init__(self, percentile: float, history: int) -> None:
         self.percentile = percentile
@@ -86,7 +87,7 @@ class AutoClipping:
 
     def summaries(self) -> dict[str, Tensor]:
         """``{"global_norm/autoclip_threshold": threshold}`` after a call."""
-        return {} if self._threshold is None else {THRESHOLD_TAG: self._threshold}
+        return {} if self._threshold is None else {tags.AUTOCLIP_THRESHOLD: self._threshold}
 
     def state_dict(self) -> dict[str, Any]:
         """``{"norms": float32 (history,), "count": int64 0-d}``, CPU copies (later steps don't change them)."""

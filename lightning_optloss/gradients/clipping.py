@@ -1,8 +1,11 @@
 """Global-norm clipping on plain lists of tensors, as ``tf.clip_by_global_norm``, and per-group clipping.
 
 Beyond TF: :func:`clip_groups_by_global_norm_` clips groups of parameters each by its own norm
-(:func:`resolve_clip_groups` finds the groups from name globs). Scaling is in place with ``torch._foreach_*``
-kernels; nothing copies to the host except the CPU-only shortcut described in :func:`clip_by_global_norm_`.
+(:func:`resolve_clip_groups` finds the groups from name globs). :class:`GlobalNormClipping` and
+:class:`GroupClipping` are the two as clip transforms (:mod:`lightning_optloss.gradients.contract`), what
+``OptimizeLoss(clip_gradients=<float>)`` and ``clip_gradients={glob: float}`` become. Scaling is in place
+with ``torch._foreach_*`` kernels; nothing copies to the host except the CPU-only shortcut described in
+:func:`clip_by_global_norm_`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_optloss.common import validation
+from lightning_optloss.common import tags, validation
+from lightning_optloss.gradients.contract import AllReduceSum, ClipBase, GradsAndVars
 from lightning_optloss.gradients.multipliers import group_by_multiplier
 from lightning_optloss.gradients.norms import global_norm, parameter_norms
 
@@ -143,9 +147,7 @@ def resolve_clip_groups(
             raise validation.invalid(owner, argument, accepted + " (keys are non-empty strings)", pattern)
         validation.real(owner, f"{argument}[{pattern!r}]", clip_norm, minimum=0.0, strictly=True)
     ordered = list(patterns)
-    group_of = []
-    for name in names:
-        group_of.append(next((g for g, p in enumerate(ordered) if fnmatch.fnmatchcase(name, p)), -1))
+    group_of = match_groups(ordered, names)
     for group, pattern in enumerate(ordered):
         if group in group_of:
             continue
@@ -159,3 +161,122 @@ def resolve_clip_groups(
             "never apply. Put the more specific pattern first, or remove it."
         )
     return group_of
+
+
+def match_groups(patterns: Sequence[str], names: Sequence[str]) -> list[int]:
+    """For each name, the index of the first of ``patterns`` it matches (:func:`fnmatch.fnmatchcase`), or -1."""
+    return [next((g for g, p in enumerate(patterns) if fnmatch.fnmatchcase(name, p)), -1) for name in names]
+
+
+class GlobalNormClipping(ClipBase):
+    """TF's ``clip_by_global_norm`` at ``clip_norm`` as a clip transform (``OptimizeLoss(clip_gradients=c)``).
+
+    Declares ``norms`` (the per-parameter norms, so the global norm costs no second pass) and ``multipliers``
+    (TF's gradient multipliers, applied in the clipping pass: see :func:`clip_by_global_norm_`).
+
+    >>> import torch
+    >>> grad, param = torch.tensor([3.0, 4.0]), torch.zeros(2)
+    >>> clip = GlobalNormClipping(1.0)
+    >>> _ = clip([(grad, param)])
+    >>> grad
+    tensor([0.6000, 0.8000])
+    """
+
+    keywords = frozenset({"norms", "multipliers"})
+
+    def __init__(self, clip_norm: float) -> None:
+        self.clip_norm = clip_norm
+        self._factor: Tensor | None = None
+
+    def __call__(
+        self,
+        grads_and_vars: Sequence[tuple[Tensor | None, Tensor]],
+        norms: Tensor | None = None,
+        multipliers: Sequence[float] | None = None,
+    ) -> GradsAndVars:
+        pairs = list(grads_and_vars)
+        grads = [grad for grad, _ in pairs if grad is not None]
+        if grads:
+            norm = global_norm(parameter_norms(grads) if norms is None else norms)
+            self._factor = clip_by_global_norm_(grads, self.clip_norm, norm, multipliers)
+        return pairs
+
+    def clipped_norms(self, grads: Sequence[Tensor], norms: Tensor, all_reduce_sum: AllReduceSum | None) -> Tensor:
+        return norms * self._factor
+
+    def __repr__(self) -> str:
+        return repr(self.clip_norm)
+
+
+class GroupClipping(ClipBase):
+    """Per-group clipping as a clip transform (``OptimizeLoss(clip_gradients={glob: clip_norm})``).
+
+    Each group (the parameters whose name matches its glob first) is clipped by its own global norm
+    (:func:`clip_groups_by_global_norm_`); parameters matching no glob are untouched. Declares ``norms`` and
+    ``names``. With ``report_norms`` its summaries are every group's norm before and after clipping,
+    ``global_norm/<glob as a metric key>/gradient_norm`` and ``.../clipped_gradient_norm``.
+
+    Args:
+        patterns: ``{glob: clip norm > 0}`` in priority order, checked.
+        report_norms: Whether :meth:`summaries` has the group norms. Default False.
+    """
+
+    keywords = frozenset({"norms", "names"})
+
+    def __init__(self, patterns: Mapping[str, float], report_norms: bool = False) -> None:
+        self.patterns = dict(patterns)
+        self.report_norms = report_norms
+        self.group_keys = tags.unique_metric_keys(list(self.patterns))
+        self._groups: dict[tuple[str, ...], list[int]] = {}
+        self._index: dict[tuple[int, ...], Tensor] = {}
+        self._last: tuple[Tensor, Tensor, list[int]] | None = None
+
+    def validate_names(self, names: Sequence[str]) -> None:
+        resolve_clip_groups("OptimizeLoss", self.patterns, names)
+
+    def __call__(
+        self,
+        grads_and_vars: Sequence[tuple[Tensor | None, Tensor]],
+        norms: Tensor | None = None,
+        names: Sequence[str] | None = None,
+    ) -> GradsAndVars:
+        pairs = list(grads_and_vars)
+        if names is None or len(names) != len(pairs):
+            raise ValueError(
+                f"{self!r} needs the `names` keyword, one parameter name per (gradient, parameter) pair "
+                "(OptimizeLoss passes it); got "
+                f"{'none' if names is None else len(names)} for {len(pairs)} pairs."
+            )
+        grads = [grad for grad, _ in pairs]
+        norms = parameter_norms(grads) if norms is None else norms
+        group_of = self._group_of(names)
+        group_norms, factors = clip_groups_by_global_norm_(grads, group_of, list(self.patterns.values()), norms)
+        self._last = (group_norms, factors, group_of)
+        return pairs
+
+    def _group_of(self, names: Sequence[str]) -> list[int]:
+        key = tuple(names)
+        if key not in self._groups:  # one entry per distinct set of parameters with gradients
+            self._groups[key] = match_groups(list(self.patterns), key)
+        return self._groups[key]
+
+    def clipped_norms(self, grads: Sequence[Tensor], norms: Tensor, all_reduce_sum: AllReduceSum | None) -> Tensor:
+        _, factors, group_of = self._last
+        key = tuple(group_of)
+        index = self._index.get(key)
+        if index is None:  # one host-to-device copy per distinct set of parameters with gradients
+            index = self._index[key] = torch.tensor(group_of, device=factors.device)
+        return norms * torch.cat([factors, factors.new_ones(1)])[index]  # group -1 (unclipped): factor 1
+
+    def summaries(self) -> dict[str, Tensor]:
+        if not self.report_norms or self._last is None:
+            return {}
+        group_norms, factors, _ = self._last
+        values = {}
+        for key, norm, factor in zip(self.group_keys, group_norms.unbind(), factors.unbind(), strict=True):
+            values[tags.group_norm(key)] = norm
+            values[tags.group_norm(key, clipped=True)] = norm * factor
+        return values
+
+    def __repr__(self) -> str:
+        return repr(self.patterns)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from lightning_optloss.distributed.strategies import Layout
+    from lightning_optloss.gradients.contract import Layout
 
 
 _TRUNCATION = 2.0  # standard deviations, as tf.random.truncated_normal

@@ -34,6 +34,7 @@ import numpy as np
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_optloss.common import tags
 from lightning_optloss.gradients.histograms import Histogram
 from lightning_optloss.mlflow import io as mlflow_io
 from lightning_optloss.mlflow import run_info
@@ -45,16 +46,14 @@ GRADIENT_HISTOGRAMS = "plots/gradient_histograms.png"
 MAX_POINTS = 2000
 DISTRIBUTION_PARAMETERS = 4
 DISTRIBUTION_STEPS = 200
-# Series name of the plots -> summary tag after "<name>/".
+# Series name of the plots -> summary tag (relative to the callback's name).
 CURVE_TAGS = {
-    "loss": "loss",
-    "learning_rate": "learning_rate",
-    "gradient_norm": "global_norm/gradient_norm",
-    "clipped_gradient_norm": "global_norm/clipped_gradient_norm",
-    "adaptive_max_gradient_norm": "global_norm/adaptive_max_gradient_norm",
+    "loss": tags.LOSS,
+    "learning_rate": tags.LEARNING_RATE,
+    "gradient_norm": tags.GLOBAL_NORM,
+    "clipped_gradient_norm": tags.CLIPPED_GLOBAL_NORM,
+    "adaptive_max_gradient_norm": tags.ADAPTIVE_MAX_NORM,
 }
-_CURVE_NAMES = {tag: name for name, tag in CURVE_TAGS.items()}
-_NORM_TAG = "gradient_norm/"
 PLOTS_ENVIRONMENT_VARIABLE = "LIGHTNING_OPTLOSS_PLOTS"
 
 
@@ -108,8 +107,15 @@ class RunArtifacts:
         self.uploaded = False
         self.run_label = self._run_label()  # read now, while the server answers: the end of fit may be an outage
 
-    def record(self, step: int, metrics: Mapping[str, float], histograms: Sequence[Histogram]) -> None:
-        """Take one logged step's summaries (already on the host)."""
+    def record(
+        self,
+        step: int,
+        scalars: Mapping[str, float],
+        parameter_norms: Mapping[str, float],
+        histograms: Sequence[Histogram],
+    ) -> None:
+        """Take one logged step's summaries (already on the host): ``{tag: value}`` of its single values,
+        ``{parameter key: gradient norm}``, and the histograms."""
         if histograms:
             if self._histogram_file is None:
                 self.histogram_path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,17 +127,10 @@ class RunArtifacts:
                 self._largest = [param for param in self._sizes if param in largest]  # in the module's order
             chosen = {h.param: (h.edges, h.counts) for h in histograms if h.param in self._largest}
             self._distributions.add((step, chosen))
-        prefix = f"{self.name}/"
-        curves = {}
-        norms: dict[int, float] = {}
-        for key, value in metrics.items():
-            if not key.startswith(prefix):
-                continue
-            tag = key[len(prefix) :]
-            if tag in _CURVE_NAMES:
-                curves[_CURVE_NAMES[tag]] = value
-            elif tag.startswith(_NORM_TAG):
-                norms[self._norm_index.setdefault(tag[len(_NORM_TAG) :], len(self._norm_index))] = value
+        curves = {series: scalars[tag] for series, tag in CURVE_TAGS.items() if tag in scalars}
+        norms = {
+            self._norm_index.setdefault(key, len(self._norm_index)): value for key, value in parameter_norms.items()
+        }
         row = np.full(len(self._norm_index), np.nan, dtype=np.float32)
         for position, value in norms.items():
             row[position] = value
@@ -243,28 +242,3 @@ def read_histograms(path: Path) -> Iterable[dict[str, Any]]:
         for line in lines:
             if line.strip():
                 yield json.loads(line)
-
-
-def largest_parameter_histograms(
-    path: Path, parameters: int, steps: int
-) -> dict[str, list[tuple[int, list[float | None], list[int]]]]:
-    """From a ``gradients.jsonl`` file: the histograms of the ``parameters`` largest parameters (by number of
-    elements, ties in file order) at up to ``steps`` evenly spaced logged steps. Reads the file twice and
-    keeps only what it returns."""
-    if not path.is_file():
-        return {}
-    sizes: dict[str, int] = {}
-    logged_steps: dict[int, None] = {}
-    for record in read_histograms(path):
-        sizes.setdefault(record["param"], sum(record["counts"]))
-        logged_steps.setdefault(record["step"])
-    order = sorted(sizes, key=lambda name: -sizes[name])[:parameters]
-    chosen_names = [name for name in sizes if name in order]  # back in the module's order
-    all_steps = list(logged_steps)
-    picks = np.unique(np.linspace(0, len(all_steps) - 1, min(steps, len(all_steps))).round().astype(int))
-    chosen_steps = {all_steps[i] for i in picks}
-    found: dict[str, list[tuple[int, list[float | None], list[int]]]] = {name: [] for name in chosen_names}
-    for record in read_histograms(path):
-        if record["param"] in found and record["step"] in chosen_steps:
-            found[record["param"]].append((record["step"], record["edges"], record["counts"]))
-    return found

@@ -1,0 +1,85 @@
+"""Every summary tag and metric key of the package, built here and nowhere else.
+
+A tag is what TF called a summary's name, relative to the callback's ``name`` (``global_norm/gradient_norm``);
+the metric key MLflow receives is :func:`metric` of the two (``OptimizeLoss/global_norm/gradient_norm``).
+Parameter names and globs enter tags as metric keys (:func:`metric_key`): MLflow's logger drops characters
+outside ``[a-zA-Z0-9_/. -]``, so they are replaced by ``_`` up front.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+LOSS = "loss"
+LEARNING_RATE = "learning_rate"
+NOISE_SCALE = "gradient_noise_scale"
+GLOBAL_NORM = "global_norm/gradient_norm"
+CLIPPED_GLOBAL_NORM = "global_norm/clipped_gradient_norm"
+ADAPTIVE_MAX_NORM = "global_norm/adaptive_max_gradient_norm"
+AUTOCLIP_THRESHOLD = "global_norm/autoclip_threshold"
+AGC_CLIPPED_FRACTION = "clip/agc_clipped_fraction"
+GRADIENT_STATISTICS = ("mean", "std", "min", "max", "norm")
+"""The statistics logged per parameter for the ``gradients`` summary, in this order."""
+
+_UNSAFE_KEY_CHARACTERS = re.compile(r"[^a-zA-Z0-9_/. -]")
+
+
+def metric(name: str, tag: str) -> str:
+    """The metric key of ``tag`` for the callback ``name``.
+
+    >>> metric("OptimizeLoss", GLOBAL_NORM)
+    'OptimizeLoss/global_norm/gradient_norm'
+    """
+    return f"{name}/{tag}"
+
+
+def parameter_norm(key: str) -> str:
+    """The tag of one parameter's gradient norm (summary ``gradient_norm``); ``key`` from :func:`metric_keys`."""
+    return f"gradient_norm/{key}"
+
+
+def gradient_statistic(key: str, statistic: str) -> str:
+    """The tag of one statistic of one parameter's gradient (summary ``gradients``).
+
+    >>> gradient_statistic("head.weight", "std")
+    'gradients/head.weight/std'
+    """
+    return f"gradients/{key}/{statistic}"
+
+
+def group_norm(key: str, clipped: bool = False) -> str:
+    """The tag of a clip group's global norm, before (or, ``clipped``, after) clipping; ``key`` of its glob."""
+    return f"global_norm/{key}/{'clipped_gradient_norm' if clipped else 'gradient_norm'}"
+
+
+def metric_key(name: str) -> str:
+    """``name`` with every character MLflow would drop replaced by ``_``.
+
+    >>> metric_key("encoder.*")
+    'encoder._'
+    """
+    return _UNSAFE_KEY_CHARACTERS.sub("_", name)
+
+
+def metric_keys(owner: str, names: Sequence[str]) -> list[str]:
+    """Metric-safe keys for parameter names; an error if two names collide after replacement."""
+    keys = [metric_key(name) for name in names]
+    seen: dict[str, str] = {}
+    for name, key in zip(names, keys, strict=True):
+        if key in seen:
+            raise ValueError(
+                f"{owner}: parameters {seen[key]!r} and {name!r} both become metric key {key!r} "
+                "(MLflow keys allow only letters, digits and _/. -); rename one of them."
+            )
+        seen[key] = name
+    return keys
+
+
+def unique_metric_keys(patterns: Sequence[str]) -> list[str]:
+    """Metric-safe keys for globs (``encoder.*`` → ``encoder._``), a collision suffixed with its position."""
+    keys: list[str] = []
+    for index, pattern in enumerate(patterns):
+        key = metric_key(pattern)
+        keys.append(key if key not in keys else f"{key}_{index}")
+    return keys
