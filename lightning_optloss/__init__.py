@@ -9,10 +9,17 @@
   (percentile clipping), :func:`annealed_noise_scale` (annealed gradient noise); warmup schedules in
   :mod:`decay`; per-group clipping with ``OptimizeLoss(clip_gradients={glob: value})``.
 - :class:`MLFlowLogger`: Lightning's MLflow logger with the server calls off the training thread, surviving outages.
+
+Layers, lowest first; a module imports only its own layer and lower ones, with no import circle, type-only
+imports included (``tests/test_layering.py`` checks it)::
+
+    common <- gradients <- distributed <- tf <- mlflow <- core (summaries, pipeline, callback_arguments,
+    callback) <- this package and demos <- the python -m entry modules (demo, example, compare, mlflow_replay)
 """
 
 from lightning_optloss.callback import OptimizeLoss
 from lightning_optloss.common.transfers import add_transfer_hook
+from lightning_optloss.common.version import __version__
 from lightning_optloss.gradients.adaptive_clipping import AdaptiveClipping, adaptive_clipping_fn
 from lightning_optloss.gradients.agc import UnitwiseClipping, agc_clipping_fn
 from lightning_optloss.gradients.autoclip import AutoClipping, autoclip_fn
@@ -22,8 +29,6 @@ from lightning_optloss.summaries import OPTIMIZER_SUMMARIES
 from lightning_optloss.tf import decay
 from lightning_optloss.tf.configure import LearningRateDecay, configure_optimizers
 from lightning_optloss.tf.optimizers import OPTIMIZER_CLS_NAMES
-
-__version__ = "0.1.0"
 
 __all__ = [
     "OPTIMIZER_CLS_NAMES",

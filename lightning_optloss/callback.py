@@ -230,7 +230,7 @@ class OptimizeLoss(Callback):
         keys = tags.metric_keys(_OWNER, names)
         if self._clip is not None:
             self._clip.validate_names(names)
-        by_optimizer = _params_by_optimizer(trainer.optimizers, params, access)
+        by_optimizer = access.params_by_optimizer(_OWNER, trainer.optimizers, params)
         noise = None
         if self.gradient_noise_scale is not None:
             sizes = access.full_sizes([entry.param for entry in params])
@@ -457,25 +457,3 @@ class OptimizeLoss(Callback):
                 self._fit.pipeline.noise.seed = self._fit.seed
         if "clip_gradients" in state_dict and self._clip is not None:
             self._clip.load_state_dict(state_dict["clip_gradients"])
-
-
-def _params_by_optimizer(
-    optimizers: list[Optimizer], params: list[NamedParameter], access: strategies.GradientAccess
-) -> list[tuple[Optimizer, list[NamedParameter]]]:
-    """The processed parameters each optimizer updates; an error for any that no optimizer updates."""
-    pairs = []
-    unclaimed = {entry.index: entry for entry in params}
-    for optimizer in optimizers:
-        held = {id(p) for p in access.optimized_parameters(optimizer)}
-        mine = [entry for entry in params if id(entry.param) in held]
-        if mine:
-            pairs.append((optimizer, mine))
-            for entry in mine:
-                unclaimed.pop(entry.index, None)
-    if unclaimed:
-        names = ", ".join(repr(entry.name) for entry in unclaimed.values())
-        raise ValueError(
-            f"{_OWNER}: `variables` includes parameters that no optimizer of the Trainer updates: {names}. "
-            "Pass only optimized parameters (configure_optimizers(..., variables=...) chooses those)."
-        )
-    return pairs

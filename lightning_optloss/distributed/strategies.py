@@ -50,6 +50,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.optim import Optimizer
 
 from lightning_optloss.common import validation
+from lightning_optloss.common.parameters import NamedParameter
 from lightning_optloss.gradients.contract import ClipTransform
 
 
@@ -160,6 +161,28 @@ class GradientAccess:
     def optimized_parameters(self, optimizer: Any) -> list[Tensor]:
         """The parameters of the module that ``optimizer`` (an entry of ``trainer.optimizers``) updates."""
         return [param for group in optimizer.param_groups for param in group["params"]]
+
+    def params_by_optimizer(
+        self, owner: str, optimizers: Sequence[Any], params: Sequence[NamedParameter]
+    ) -> list[tuple[Any, list[NamedParameter]]]:
+        """The processed parameters each of ``optimizers`` (``trainer.optimizers``) updates; an error for any
+        parameter that none updates."""
+        pairs = []
+        unclaimed = {entry.index: entry for entry in params}
+        for optimizer in optimizers:
+            held = {id(p) for p in self.optimized_parameters(optimizer)}
+            mine = [entry for entry in params if id(entry.param) in held]
+            if mine:
+                pairs.append((optimizer, mine))
+                for entry in mine:
+                    unclaimed.pop(entry.index, None)
+        if unclaimed:
+            names = ", ".join(repr(entry.name) for entry in unclaimed.values())
+            raise ValueError(
+                f"{owner}: `variables` includes parameters that no optimizer of the Trainer updates: {names}. "
+                "Pass only optimized parameters (configure_optimizers(..., variables=...) chooses those)."
+            )
+        return pairs
 
     def torch_optimizer(self, optimizer: Any) -> Optimizer:
         """The torch optimizer inside an entry of ``trainer.optimizers``: the one schedulers hold, and whose

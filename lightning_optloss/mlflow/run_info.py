@@ -201,7 +201,7 @@ def _version(*distributions: str) -> str:
         except PackageNotFoundError:
             continue
     if distributions[0] == "lightning-optloss":
-        from lightning_optloss import __version__
+        from lightning_optloss.common.version import __version__
 
         return __version__
     return "unknown"
