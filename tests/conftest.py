@@ -32,11 +32,27 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("filterwarnings", "ignore:.*Use lightning_optloss.MLFlowLogger:UserWarning")
 
 
+@pytest.fixture(autouse=True)
+def _run_in_a_temporary_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own temporary folder, so that nothing lands in the clone: MLflow puts the artifacts
+    of an experiment created without ``artifact_location`` under ``./mlruns`` of the working directory, and a
+    logger spills undelivered records there."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One real sqlite MLflow store for the session (creating the schema takes seconds)."""
-    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
+    folder = tmp_path_factory.mktemp("mlflow")
+    path = folder / "mlflow.db"
+    # MLflow caches the store per URI with its default artifact root, ./mlruns resolved against the working
+    # directory at the first open: opened here, experiments without an artifact_location keep theirs in `folder`.
+    working_directory = os.getcwd()
+    os.chdir(folder)
+    try:
+        MlflowClient(f"sqlite:///{path}").search_experiments()
+    finally:
+        os.chdir(working_directory)
     return f"sqlite:///{path}"
 
 

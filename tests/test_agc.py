@@ -216,9 +216,18 @@ def test_names_must_align_with_the_pairs():
 
 
 def test_names_are_not_needed_without_exclude():
-    pairs = _model_pairs()
-    agc_clipping_fn()(pairs)  # no error
-    agc_clipping_fn()(_model_pairs(), names=NAMES)
+    # Without exclude, the names change nothing: both calls clip every unit exactly as the reference.
+    without, with_names = _model_pairs(), _model_pairs()
+    originals = [grad.clone() for grad, _ in without]
+    clip = agc_clipping_fn()
+    clip(without)
+    fraction_without = float(clip.summaries()[CLIPPED_FRACTION_TAG])
+    clip(with_names, names=NAMES)
+    assert float(clip.summaries()[CLIPPED_FRACTION_TAG]) == fraction_without == 1.0  # all 8 units
+    for (grad, param), (named, _), original in zip(without, with_names, originals, strict=True):
+        assert torch.equal(grad, named)
+        expected, _ = agc_reference(original, param, 0.01, 1e-3)
+        np.testing.assert_allclose(grad.double().numpy(), expected, rtol=2e-6)
 
 
 def test_validate_names_rejects_a_glob_that_matches_nothing_and_names_close_ones():

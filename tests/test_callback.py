@@ -217,7 +217,16 @@ def test_clip_callable_receives_global_step_and_global_norm():
 
 
 def test_tf_style_clip_callable_without_keywords_works():
-    fit([OptimizeLoss(clip_gradients=lambda pairs: [(g.clamp(-0.1, 0.1), v) for g, v in pairs])], steps=2)
+    # fn(grads_and_vars) with no keyword: called alone, and the new gradients it returns are the ones applied.
+    plain = RecordBatches()
+    fit([plain], steps=1)
+    clamped, _ = fit([OptimizeLoss(clip_gradients=lambda pairs: [(g.clamp(-0.1, 0.1), v) for g, v in pairs])], steps=1)
+    start = TinyRegression()
+    lr = 0.1
+    assert any(float(grad.abs().max()) > 0.1 for grad in plain.grads[0].values())  # the clamp does something
+    for name in ALL_PARAMS:
+        expected = getattr(start, name).detach() - lr * plain.grads[0][name].clamp(-0.1, 0.1)
+        torch.testing.assert_close(getattr(clamped, name).detach(), expected)
 
 
 @pytest.mark.parametrize(

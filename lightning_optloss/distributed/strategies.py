@@ -51,6 +51,7 @@ from torch.optim import Optimizer
 
 from lightning_optloss.common import validation
 from lightning_optloss.common.parameters import NamedParameter
+from lightning_optloss.distributed import _deepspeed_private, _torch_private
 from lightning_optloss.gradients.contract import ClipTransform
 
 
@@ -325,28 +326,13 @@ class FlatParameterGradientAccess(ShardedGradientAccess):
         self._slices: dict[int, _FlatSlice] = {}
 
     def attach(self, model: nn.Module) -> None:
-        from torch.distributed.fsdp._traversal_utils import _get_fsdp_handles
-
         self._slices = {}
-        for handle in _get_fsdp_handles(model):
-            if not handle.uses_sharded_strategy:
-                continue
-            flat_param = handle.flat_param
-            infos = zip(flat_param._params, flat_param._shapes, flat_param._shard_param_infos, strict=True)
-            for param, shape, info in infos:
-                if info.in_shard:
-                    start, stop = info.intra_param_start_idx, info.intra_param_end_idx + 1
-                    offset = info.offset_in_shard
-                else:
-                    start = stop = 0
-                    offset = None
-                layout = FlatShardLayout(shape, start, stop, handle.process_group)
-                self._slices[id(param)] = _FlatSlice(flat_param, offset, layout)
+        for shard in _torch_private.fsdp_flat_shards(model):
+            layout = FlatShardLayout(shard.shape, shard.start, shard.stop, shard.process_group)
+            self._slices[id(shard.param)] = _FlatSlice(shard.flat_param, shard.offset, layout)
 
     def parameter_name(self, name: str) -> str:
-        from torch.distributed.fsdp._common_utils import clean_tensor_name
-
-        return clean_tensor_name(name)
+        return _torch_private.fsdp_parameter_name(name)
 
     def full_sizes(self, params: Sequence[nn.Parameter]) -> list[int]:
         sizes = []
@@ -437,7 +423,7 @@ class DeepSpeedGradientAccess(ShardedGradientAccess):
         self._engine = model
 
     def full_sizes(self, params: Sequence[nn.Parameter]) -> list[int]:
-        return [getattr(param, "ds_numel", param.numel()) for param in params]
+        return [_deepspeed_private.full_numel(param) for param in params]
 
     def optimized_parameters(self, optimizer: Any) -> list[Tensor]:
         # DeepSpeed has one optimizer; its param groups hold flat partitions, not the module's parameters.
@@ -464,7 +450,10 @@ class DeepSpeedGradientAccess(ShardedGradientAccess):
     def local_params(self, params: Sequence[nn.Parameter]) -> list[Tensor]:
         if self.zero_stage < 3:
             return list(params)
-        return [param.ds_tensor[: (layout := self._partition(param)).stop - layout.start] for param in params]
+        return [
+            _deepspeed_private.partition(param)[: (layout := self._partition(param)).stop - layout.start]
+            for param in params
+        ]
 
     def layouts(self, params: Sequence[nn.Parameter]) -> list[Layout | None]:
         if self.zero_stage < 3:
@@ -489,10 +478,10 @@ class DeepSpeedGradientAccess(ShardedGradientAccess):
     def _partition(param: nn.Parameter) -> FlatShardLayout:
         """ZeRO-3: rank ``r`` holds elements ``[r * P, (r + 1) * P)`` of the flattened parameter, ``P`` the
         (padded) partition size, cut at the parameter's size."""
-        group = param.ds_process_group
-        size, numel = param.ds_tensor.ds_numel, param.ds_numel
+        group = _deepspeed_private.process_group(param)
+        size, numel = _deepspeed_private.partition_size(param), _deepspeed_private.full_numel(param)
         start = min(numel, dist.get_rank(group=group) * size)
-        return FlatShardLayout(param.ds_shape, start, min(numel, start + size), group)
+        return FlatShardLayout(_deepspeed_private.full_shape(param), start, min(numel, start + size), group)
 
 
 def _positions_by_group(layouts: Sequence[Layout | None]) -> dict[dist.ProcessGroup, list[int]]:
@@ -525,7 +514,7 @@ def _shard_group(mesh: DeviceMesh, mesh_dims: list[int]) -> dist.ProcessGroup:
         return mesh.get_group(mesh_dims[0])
     # Sharded on several mesh dimensions (FSDP2 x tensor parallel): the flattened sub-mesh of those.
     names = tuple(mesh.mesh_dim_names[dim] for dim in mesh_dims)
-    return mesh[names]._flatten().get_group()
+    return _torch_private.flattened_mesh_group(mesh, names)
 
 
 def gradient_access(owner: str, strategy: Strategy) -> GradientAccess:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_optloss.common import tags, validation
+from lightning_optloss.common import foreach, tags, validation
 from lightning_optloss.gradients import clipping
 from lightning_optloss.gradients.contract import ClipBase, GradsAndVars
 
@@ -87,7 +87,7 @@ class AdaptiveClipping(ClipBase):
             return pairs
         norm = global_norm.to(torch.float32)
         factor = self._update(norm, self.one_minus_decay(global_step))
-        torch._foreach_mul_(grads, factor)
+        foreach.mul_(grads, factor)
         return pairs
 
     def _update(self, norm: Tensor, one_minus_decay: float) -> Tensor:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_optloss.common import tags, validation
+from lightning_optloss.common import foreach, tags, validation
 from lightning_optloss.gradients.contract import AllReduceSum, ClipBase, GradsAndVars
 
 Exclude = str | Iterable[str] | Callable[[str], bool] | None
@@ -38,7 +38,7 @@ def whole_norms(tensors: Sequence[Tensor], dtype: torch.dtype, device: torch.dev
     for position, tensor in enumerate(tensors):
         groups.setdefault((tensor.device, tensor.dtype), []).append(position)
     for positions in groups.values():
-        group = torch._foreach_norm([tensors[p] for p in positions], 2, dtype=dtype)
+        group = foreach.norm([tensors[p] for p in positions], 2, dtype=dtype)
         for position, norm in zip(positions, group, strict=True):
             norms[position] = norm
     return torch.stack([norm.to(device) for norm in norms])  # type: ignore[union-attr]
@@ -232,7 +232,7 @@ def _multiply_by_device_(targets: list[Tensor], scales: list[Tensor]) -> None:
         group[0].append(target)
         group[1].append(scale.to(target.device))
     for group_targets, group_scales in groups.values():
-        torch._foreach_mul_(group_targets, group_scales)
+        foreach.mul_(group_targets, group_scales)
 
 
 def agc_clipping_fn(clip_factor: float = 0.01, eps: float = 1e-3, exclude: Exclude = None) -> UnitwiseClipping:

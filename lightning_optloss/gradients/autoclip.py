@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_optloss.common import tags, validation
+from lightning_optloss.common import foreach, tags, validation
 from lightning_optloss.gradients import clipping
 from lightning_optloss.gradients.contract import ClipBase, GradsAndVars
 
@@ -70,7 +70,7 @@ class AutoClipping(ClipBase):
             threshold = self.append_and_threshold(norm)
             # TF's clip_by_global_norm keeps small gradients exactly and makes them NaN for a non-finite norm.
             factor = torch.where(norm > threshold, threshold / norm, torch.ones_like(norm)) + (norm - norm)
-            torch._foreach_mul_(grads, factor)
+            foreach.mul_(grads, factor)
         return pairs
 
     def append_and_threshold(self, norm: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_optloss.common import tags, validation
+from lightning_optloss.common import foreach, tags, validation
 from lightning_optloss.gradients.contract import AllReduceSum, ClipBase, GradsAndVars
 from lightning_optloss.gradients.multipliers import group_by_multiplier
 from lightning_optloss.gradients.norms import global_norm, parameter_norms
@@ -58,9 +58,9 @@ def clip_by_global_norm_(
     unit = factor.device.type == "cpu" and float(factor) == 1.0
     for multiplier, group in group_by_multiplier(grads, multipliers).items():
         if multiplier != 1.0:
-            torch._foreach_mul_(group, multiplier if unit else factor * multiplier)
+            foreach.mul_(group, multiplier if unit else factor * multiplier)
         elif not unit:
-            torch._foreach_mul_(group, factor)
+            foreach.mul_(group, factor)
     return factor
 
 

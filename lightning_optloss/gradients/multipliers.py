@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
+
+from lightning_optloss.common import foreach
 
 
 def multiply_(grads: Sequence[Tensor], multipliers: Sequence[float]) -> None:
     """``grads[i] *= multipliers[i]`` in place; one foreach kernel per distinct multiplier, 1.0 skipped."""
     for multiplier, group in group_by_multiplier(grads, multipliers).items():
         if multiplier != 1.0:
-            torch._foreach_mul_(group, multiplier)
+            foreach.mul_(group, multiplier)
 
 
 def group_by_multiplier(grads: Sequence[Tensor], multipliers: Sequence[float] | None) -> dict[float, list[Tensor]]:

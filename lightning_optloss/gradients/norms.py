@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from lightning_optloss.common import foreach
+
 AllReduceSum = Callable[[Tensor], Tensor]
 
 
@@ -28,7 +30,7 @@ def parameter_norms(grads: Sequence[Tensor], all_reduce_sum: AllReduceSum | None
     device = grads[0].device
     if {grad.dtype for grad in grads} in ({torch.float32}, {torch.float64}):  # the common case: one kernel
         try:
-            stacked = torch.stack(torch._foreach_norm(list(grads), 2))
+            stacked = torch.stack(foreach.norm(list(grads), 2))
         except RuntimeError:  # gradients on several devices: the general path below
             pass
         else:
@@ -40,7 +42,7 @@ def parameter_norms(grads: Sequence[Tensor], all_reduce_sum: AllReduceSum | None
         by_dtype.setdefault(grad.dtype, []).append(position)
     for grad_dtype, positions in by_dtype.items():
         upcast = dtype if grad_dtype in (torch.float16, torch.bfloat16) else None
-        group = torch._foreach_norm([grads[p] for p in positions], 2, dtype=upcast)
+        group = foreach.norm([grads[p] for p in positions], 2, dtype=upcast)
         for position, norm in zip(positions, group, strict=True):
             norms[position] = norm
     stacked = torch.stack([n.to(device, dtype) for n in norms])  # type: ignore[union-attr]

@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
+from lightning_optloss.common import foreach
+
 __all__ = [
     "OPTIMIZER_CLS_NAMES",
     "TFAdagrad",
@@ -97,16 +99,16 @@ def _sqrt(tensors: list[Tensor]) -> list[Tensor]:
     """
     if tensors and tensors[0].device.type == "cpu" and tensors[0].dtype == torch.float32:
         wide = [tensor.double() for tensor in tensors]
-        torch._foreach_sqrt_(wide)
+        foreach.sqrt_(wide)
         return [root.float() for root in wide]
-    return torch._foreach_sqrt(tensors)
+    return foreach.sqrt(tensors)
 
 
 def _moving_average_(averages: list[Tensor], values: list[Tensor], one_minus_decay: np.floating) -> None:
     """``average += (value - average) * (1 - decay)`` in place, TF's form of a moving average."""
-    delta = torch._foreach_sub(values, averages)
-    torch._foreach_mul_(delta, one_minus_decay)
-    torch._foreach_add_(averages, delta)
+    delta = foreach.sub(values, averages)
+    foreach.mul_(delta, one_minus_decay)
+    foreach.add_(averages, delta)
 
 
 def _slot(states: list[dict[str, Any]], name: str) -> list[Tensor]:
@@ -212,7 +214,7 @@ class TFGradientDescent(_TFOptimizer):
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
         (lr,) = _tf_scalars(params[0].dtype, group["lr"])
-        torch._foreach_sub_(params, torch._foreach_mul(grads, lr))
+        foreach.sub_(params, foreach.mul(grads, lr))
 
 
 class TFMomentum(_TFOptimizer):
@@ -250,16 +252,16 @@ class TFMomentum(_TFOptimizer):
     ) -> None:
         lr, momentum = _tf_scalars(params[0].dtype, group["lr"], group["momentum"])
         accums = _slot(states, "momentum")
-        torch._foreach_mul_(accums, momentum)
-        torch._foreach_add_(accums, grads)
+        foreach.mul_(accums, momentum)
+        foreach.add_(accums, grads)
         if group["use_nesterov"]:
-            step = torch._foreach_mul(grads, lr)
-            ahead = torch._foreach_mul(accums, momentum)
-            torch._foreach_mul_(ahead, lr)
-            torch._foreach_add_(step, ahead)
+            step = foreach.mul(grads, lr)
+            ahead = foreach.mul(accums, momentum)
+            foreach.mul_(ahead, lr)
+            foreach.add_(step, ahead)
         else:
-            step = torch._foreach_mul(accums, lr)
-        torch._foreach_sub_(params, step)
+            step = foreach.mul(accums, lr)
+        foreach.sub_(params, step)
 
 
 class TFAdagrad(_TFOptimizer):
@@ -294,10 +296,10 @@ class TFAdagrad(_TFOptimizer):
     ) -> None:
         (lr,) = _tf_scalars(params[0].dtype, group["lr"])
         accums = _slot(states, "accumulator")
-        torch._foreach_add_(accums, torch._foreach_mul(grads, grads))
-        step = torch._foreach_mul(grads, lr)
-        torch._foreach_mul_(step, torch._foreach_rsqrt(accums))
-        torch._foreach_sub_(params, step)
+        foreach.add_(accums, foreach.mul(grads, grads))
+        step = foreach.mul(grads, lr)
+        foreach.mul_(step, foreach.rsqrt(accums))
+        foreach.sub_(params, step)
 
 
 class TFAdam(_TFOptimizer):
@@ -375,12 +377,12 @@ class TFAdam(_TFOptimizer):
 
         ms, vs = _slot(states, "m"), _slot(states, "v")
         _moving_average_(ms, grads, one - beta1)
-        _moving_average_(vs, torch._foreach_mul(grads, grads), one - beta2)
-        step = torch._foreach_mul(ms, alphas)
+        _moving_average_(vs, foreach.mul(grads, grads), one - beta2)
+        step = foreach.mul(ms, alphas)
         denom = _sqrt(vs)
-        torch._foreach_add_(denom, epsilon)
-        torch._foreach_div_(step, denom)
-        torch._foreach_sub_(params, step)
+        foreach.add_(denom, epsilon)
+        foreach.div_(step, denom)
+        foreach.sub_(params, step)
 
 
 class TFRMSProp(_TFOptimizer):
@@ -445,19 +447,19 @@ class TFRMSProp(_TFOptimizer):
         )
         one_minus_decay = decay.dtype.type(1) - decay
         rms, moms = _slot(states, "rms"), _slot(states, "momentum")
-        _moving_average_(rms, torch._foreach_mul(grads, grads), one_minus_decay)
+        _moving_average_(rms, foreach.mul(grads, grads), one_minus_decay)
         if group["centered"]:
             mgs = _slot(states, "mg")
             _moving_average_(mgs, grads, one_minus_decay)
-            denom = torch._foreach_sub(rms, torch._foreach_mul(mgs, mgs))
-            torch._foreach_add_(denom, epsilon)
+            denom = foreach.sub(rms, foreach.mul(mgs, mgs))
+            foreach.add_(denom, epsilon)
         else:
-            denom = torch._foreach_add(rms, epsilon)
-        step = torch._foreach_mul(grads, lr)
-        torch._foreach_div_(step, _sqrt(denom))
-        torch._foreach_mul_(moms, momentum)
-        torch._foreach_add_(moms, step)
-        torch._foreach_sub_(params, moms)
+            denom = foreach.add(rms, epsilon)
+        step = foreach.mul(grads, lr)
+        foreach.div_(step, _sqrt(denom))
+        foreach.mul_(moms, momentum)
+        foreach.add_(moms, step)
+        foreach.sub_(params, moms)
 
 
 class TFFtrl(_TFOptimizer):
@@ -533,23 +535,23 @@ class TFFtrl(_TFOptimizer):
         )
 
         def root(tensors: list[Tensor]) -> list[Tensor]:  # x^(-p), TF's sqrt when p == -0.5
-            return _sqrt(tensors) if power == -0.5 else torch._foreach_pow(tensors, -power)
+            return _sqrt(tensors) if power == -0.5 else foreach.pow(tensors, -power)
 
         accums, linears = _slot(states, "accum"), _slot(states, "linear")
-        new_accums = torch._foreach_add(accums, torch._foreach_mul(grads, grads))
+        new_accums = foreach.add(accums, foreach.mul(grads, grads))
         new_roots = root(new_accums)
-        sigma_var = torch._foreach_sub(new_roots, root(accums))
-        torch._foreach_div_(sigma_var, lr)
-        torch._foreach_mul_(sigma_var, params)
-        torch._foreach_add_(linears, torch._foreach_sub(grads, sigma_var))
+        sigma_var = foreach.sub(new_roots, root(accums))
+        foreach.div_(sigma_var, lr)
+        foreach.mul_(sigma_var, params)
+        foreach.add_(linears, foreach.sub(grads, sigma_var))
         # clamp(z, -l1, l1) - z is sign(z) * l1 - z where |z| > l1 and exactly 0 elsewhere.
-        numer = torch._foreach_clamp_max(torch._foreach_clamp_min(linears, -l1), l1)
-        torch._foreach_sub_(numer, linears)
-        torch._foreach_div_(new_roots, lr)
-        torch._foreach_add_(new_roots, l2.dtype.type(2) * l2)
-        torch._foreach_div_(numer, new_roots)
-        torch._foreach_copy_(params, numer)
-        torch._foreach_copy_(accums, new_accums)
+        numer = foreach.clamp_max(foreach.clamp_min(linears, -l1), l1)
+        foreach.sub_(numer, linears)
+        foreach.div_(new_roots, lr)
+        foreach.add_(new_roots, l2.dtype.type(2) * l2)
+        foreach.div_(numer, new_roots)
+        foreach.copy_(params, numer)
+        foreach.copy_(accums, new_accums)
 
 
 OPTIMIZER_CLS_NAMES: dict[str, type[torch.optim.Optimizer]] = {
