@@ -6,12 +6,11 @@ scikit-learn's bundled 8x8 digits need no download, so a recipe runs anywhere; s
 
 from __future__ import annotations
 
-import torch
 from lightning.pytorch import LightningDataModule
 from torch.distributed.fsdp import fully_shard
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
-from lightning_optloss.demos.demo import DigitsClassifier
+from lightning_optloss.demos.demo import DigitsClassifier, digits_split
 
 
 class DigitsModel(DigitsClassifier):
@@ -42,15 +41,7 @@ class DigitsDataModule(LightningDataModule):
         self.seed = seed
 
     def setup(self, stage: str) -> None:
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-        labels = torch.tensor(digits.target, dtype=torch.long)
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
-        split = int(0.8 * len(labels))
-        self.train_set = TensorDataset(images[order[:split]], labels[order[:split]])
-        self.val_set = TensorDataset(images[order[split:]], labels[order[split:]])
+        self.train_set, self.val_set = digits_split(self.seed)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)

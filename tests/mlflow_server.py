@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from lightning_optloss.mlflow.server import free_port, wait_until_healthy
 
 
 class MlflowServer:
@@ -60,21 +52,14 @@ class MlflowServer:
     def wait_ready(self, timeout: float = 90.0) -> None:
         """Wait until ``/health`` answers, at most ``timeout`` seconds."""
         assert self._process is not None, "not launched"
-        deadline = time.monotonic() + timeout
-        while not self._healthy():
-            if self._process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited ({self._process.returncode}); see {self._log}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"mlflow server not ready after {timeout} s; see {self._log}")
-            time.sleep(0.1)
-
-    def _healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.uri}/health", timeout=1.0) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+            wait_until_healthy(self.uri, self._process, timeout, f"mlflow server (log: {self._log})", interval=0.1)
+        except RuntimeError:
+            if self._process.poll() is None:
+                self.kill()
+            else:
+                self._process = None
+            raise
 
     def kill(self) -> None:
         """SIGKILL the server's process group: an outage, not a shutdown."""

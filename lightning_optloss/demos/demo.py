@@ -84,8 +84,9 @@ class DigitsClassifier(pl.LightningModule):
         return configure_optimizers(self, "Adam", self.hparams.learning_rate, schedule)
 
 
-def digits_loaders(batch_size: int = 32, seed: int = 0) -> tuple[DataLoader, DataLoader]:
-    """scikit-learn's digits (1797 images), 80 % for training and 20 % for validation."""
+def digits_split(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+    """scikit-learn's digits (1797 8x8 images in [0, 1]), 80 % for training and 20 % for validation, split by
+    a permutation seeded with ``seed``."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as error:
@@ -97,9 +98,13 @@ def digits_loaders(batch_size: int = 32, seed: int = 0) -> tuple[DataLoader, Dat
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     split = int(0.8 * len(labels))
     train, val = order[:split], order[split:]
-    train_loader = DataLoader(TensorDataset(images[train], labels[train]), batch_size=batch_size, shuffle=True)
-    val_loader = DataLoader(TensorDataset(images[val], labels[val]), batch_size=256)
-    return train_loader, val_loader
+    return TensorDataset(images[train], labels[train]), TensorDataset(images[val], labels[val])
+
+
+def digits_loaders(batch_size: int = 32, seed: int = 0) -> tuple[DataLoader, DataLoader]:
+    """The :func:`digits_split` as loaders: training shuffled in ``batch_size`` batches, validation in 256."""
+    train_set, val_set = digits_split(seed)
+    return DataLoader(train_set, batch_size=batch_size, shuffle=True), DataLoader(val_set, batch_size=256)
 
 
 def clip_from(text: str) -> Any:

@@ -29,17 +29,16 @@ import contextlib
 import logging
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from lightning_optloss.mlflow.server import free_port, wait_until_healthy
 
 EXPERIMENT = "lightning_optloss-example"
 RUN_NAMES = ("no-clipping", "clip-1.0", "adaptive-clipping", "noise-0.01")
@@ -54,13 +53,6 @@ def ui_command(folder: str = "mlruns_example", port: int | None = None) -> str:
         f"mlflow ui --backend-store-uri sqlite:///{folder}/{DATABASE} --artifacts-destination {folder}/{ARTIFACTS}"
     )
     return command if port is None else f"{command} --port {port}"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (now)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -89,13 +81,7 @@ def serve(command: list[str], port: int, cwd: Path | None = None, log: Path | No
     output = log.open("wb") if log is not None else subprocess.DEVNULL
     server = subprocess.Popen(command, cwd=cwd, stdout=output, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + SERVER_START_SECONDS
-        while not _healthy(url):
-            if server.poll() is not None:
-                raise RuntimeError(f"{' '.join(command)} exited with status {server.returncode}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{' '.join(command)} did not answer at {url} within {SERVER_START_SECONDS} s")
-            time.sleep(0.5)
+        wait_until_healthy(url, server, SERVER_START_SECONDS, " ".join(command))
         yield url
     finally:
         server.terminate()
@@ -106,14 +92,6 @@ def serve(command: list[str], port: int, cwd: Path | None = None, log: Path | No
             server.wait(timeout=30)
         if log is not None:
             output.close()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
 
 
 def callback_arguments(run_name: str) -> dict[str, Any]:
