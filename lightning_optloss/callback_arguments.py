@@ -106,9 +106,10 @@ def check_name(value: Any) -> str:
 def check_seed(value: Any) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+    seed = validation.as_integer(value)
+    if seed is None or not 0 <= seed < SEED_LIMIT:
         raise validation.invalid(OWNER, "seed", "None or an integer in [0, 2**63)", value)
-    return value
+    return seed
 
 
 def clip_transform(clip_gradients: ClipArgument | None, summaries: Sequence[str]) -> ClipTransform | None:

@@ -11,6 +11,7 @@ import difflib
 import inspect
 import math
 import numbers
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -35,6 +36,34 @@ def invalid(owner: str, argument: str, accepted: str, value: Any) -> ValueError:
 def is_real(value: Any) -> bool:
     """A real number that is not a bool (``True`` is an ``int`` in Python, never a rate)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def as_integer(value: Any) -> int | None:
+    """``value`` as an int if it is an integer (``operator.index``: Python, numpy or torch) other than a bool,
+    else None.
+
+    >>> as_integer(3), as_integer(True), as_integer(2.0)
+    (3, None, None)
+    """
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def integer(owner: str, argument: str, value: Any, *, minimum: int | None = None, below: int | None = None) -> int:
+    """``value`` as an int in ``[minimum, below)``, or the error naming ``argument``.
+
+    Accepts Python, numpy and torch integer scalars, never a bool or a float.
+    """
+    bounds = [f">= {minimum}" if minimum is not None else "", f"< {below}" if below is not None else ""]
+    accepted = " ".join(["an integer", " and ".join(part for part in bounds if part)]).strip()
+    number = as_integer(value)
+    if number is None or (minimum is not None and number < minimum) or (below is not None and number >= below):
+        raise invalid(owner, argument, accepted, value)
+    return number
 
 
 def real(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -129,12 +128,4 @@ def autoclip_fn(percentile: float = 10, history: int = 1000) -> AutoClipping:
         Networks", IEEE MLSP 2020, https://arxiv.org/abs/2007.14469
     """
     percentile = validation.real(_OWNER, "percentile", percentile, minimum=0.0, maximum=100.0)
-    if isinstance(history, bool):
-        raise validation.invalid(_OWNER, "history", "an integer >= 1", history)
-    try:
-        size = operator.index(history)
-    except TypeError:
-        raise validation.invalid(_OWNER, "history", "an integer >= 1", history) from None
-    if size < 1:
-        raise validation.invalid(_OWNER, "history", "an integer >= 1", history)
-    return AutoClipping(percentile, size)
+    return AutoClipping(percentile, validation.integer(_OWNER, "history", history, minimum=1))

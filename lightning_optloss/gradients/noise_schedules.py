@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any
 
 from lightning_optloss.common import validation
@@ -45,14 +44,9 @@ class AnnealedNoiseScale:
 
 
 def _global_step(value: Any) -> int:
-    accepted = "an integer >= 0 (a Python int or a numpy/torch integer scalar)"
-    if isinstance(value, bool):
-        raise validation.invalid(_OWNER, "global_step", accepted, value)
-    try:
-        step = operator.index(value)
-    except TypeError:
-        raise validation.invalid(_OWNER, "global_step", accepted, value) from None
-    if step < 0:
+    step = validation.as_integer(value)
+    if step is None or step < 0:
+        accepted = "an integer >= 0 (a Python int or a numpy/torch integer scalar)"
         raise validation.invalid(_OWNER, "global_step", accepted, value)
     return step
 

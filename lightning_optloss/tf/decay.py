@@ -39,7 +39,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import operator
 import random
 import struct
 from collections.abc import Callable, Sequence
@@ -119,21 +118,11 @@ _MAX_STEP = 2**63 - 1  # TF's global step is an int64
 _STEP_ACCEPTED = f"an integer in [0, {_MAX_STEP}] (a Python int or a numpy/torch integer scalar)"
 
 
-def _integer(value: Any) -> int | None:
-    """``value`` as an int if it is an integer (``operator.index``) other than a bool, else None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
 def _global_step(owner: str, value: Any) -> int:
     """The global step as an int: TF's "required" error for None, then an integer >= 0."""
     if value is None:
         raise ValueError(f"global_step is required for {owner}.")
-    step = _integer(value)
+    step = validation.as_integer(value)
     if step is None or not 0 <= step <= _MAX_STEP:
         raise validation.invalid(owner, "global_step", _STEP_ACCEPTED, value)
     return step
@@ -246,7 +235,7 @@ def piecewise_constant(
     owner = "piecewise_constant"
     if x is None:
         raise ValueError(f"x is required for {owner}.")
-    point = _integer(x)
+    point = validation.as_integer(x)
     if point is None and (isinstance(x, bool) or not validation.is_real(x) or not math.isfinite(x)):
         raise validation.invalid(owner, "x", "an integer or a finite number", x)
     if isinstance(boundaries, (str, bytes)) or not isinstance(boundaries, Sequence):
@@ -581,7 +570,7 @@ def _linear_cosine(
         variance0, variance_decay, seed = noise
         variance0 = _f32(validation.real(owner, "initial_variance", variance0, minimum=0.0))
         variance_decay = _f32(validation.real(owner, "variance_decay", variance_decay, minimum=0.0))
-        seed_value = _integer(seed)
+        seed_value = validation.as_integer(seed)
         if seed_value is None:
             raise validation.invalid(owner, "seed", "an integer", seed)
         variance = _f32(variance0 / _pow32(_f32(1.0 + at), variance_decay))
@@ -730,7 +719,7 @@ _WARMUP_ACCEPTED = "an integer >= 0 (a Python int or a numpy/torch integer scala
 
 
 def _warmup_steps(owner: str, value: Any) -> int:
-    steps = _integer(value)
+    steps = validation.as_integer(value)
     if steps is None or not 0 <= steps <= _MAX_STEP:
         raise validation.invalid(owner, "warmup_steps", _WARMUP_ACCEPTED, value)
     return steps
