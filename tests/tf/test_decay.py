@@ -246,7 +246,7 @@ def test_results_are_float32_values_like_tensorflow_tensors() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The TF fixture (tests/reference/make_tf_reference.py)
+# The TF fixture (tests/tf/reference/make_tf_reference.py)
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -258,7 +258,7 @@ def fixture_schedules() -> list[Any]:
 
 @pytest.mark.parametrize("schedule", fixture_schedules())
 def test_matches_tensorflow_fixture(schedule: dict | None) -> None:
-    assert schedule is not None, f"{FIXTURE} is missing: run tests/reference/make_tf_reference.py"
+    assert schedule is not None, f"{FIXTURE} is missing: run tests/tf/reference/make_tf_reference.py"
     fn = getattr(decay, schedule["fn"])
     kwargs = schedule["kwargs"]
     if schedule["learning_rate"] is None:
@@ -272,7 +272,7 @@ def test_matches_tensorflow_fixture(schedule: dict | None) -> None:
 
 
 def test_tensorflow_fixture_covers_every_schedule() -> None:
-    assert FIXTURE.exists(), f"{FIXTURE} is missing: run tests/reference/make_tf_reference.py"
+    assert FIXTURE.exists(), f"{FIXTURE} is missing: run tests/tf/reference/make_tf_reference.py"
     covered = {entry["fn"] for entry in json.loads(FIXTURE.read_text())["schedules"]}
     assert covered == set(SCHEDULES)
 

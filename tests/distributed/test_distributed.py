@@ -23,8 +23,8 @@ from support import run_process_group
 
 pytestmark = pytest.mark.distributed
 
-SCRIPT = Path(__file__).parent / "distributed" / "train.py"
-REPO = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).parent / "train.py"
+REPO = Path(__file__).resolve().parents[2]
 RTOL = 1e-5
 
 TF_FEATURES = {  # TF's pipeline: noise, multipliers, then float or adaptive clipping

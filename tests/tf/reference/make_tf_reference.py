@@ -3,18 +3,18 @@
 This script is run BY HAND, never by CI: it needs the real TensorFlow and tf-slim, which are not
 dependencies of this project.  The fixtures it writes are committed, and the tests only read them:
 
-* ``tests/reference/fixtures/optimize_loss.json``: training runs of
+* ``tests/tf/reference/fixtures/optimize_loss.json``: training runs of
   ``tf_slim.layers.optimizers.optimize_loss`` (the maintained copy of TF1's
   ``tf.contrib.layers.optimize_loss``) on a tiny two-layer model, with every scalar and histogram
   summary TF emitted and the parameters after every update;
-* ``tests/reference/fixtures/decay.json``: the ``tf.compat.v1.train.*`` learning-rate schedules
+* ``tests/tf/reference/fixtures/decay.json``: the ``tf.compat.v1.train.*`` learning-rate schedules
   evaluated at global steps 0..30.
 
 How to run it (from the repository root)::
 
     python3 -m venv /tmp/tfenv
     /tmp/tfenv/bin/pip install tensorflow-cpu tf-slim
-    /tmp/tfenv/bin/python tests/reference/make_tf_reference.py
+    /tmp/tfenv/bin/python tests/tf/reference/make_tf_reference.py
 
 The output is deterministic (fixed numpy seeds, no random TF ops, single-threaded session, oneDNN
 off), so running it again rewrites byte-identical files unless the TensorFlow version changes.
@@ -62,7 +62,7 @@ from tf_slim.layers import optimizers as slim_optimizers
 tf.compat.v1.disable_v2_behavior()
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-SCRIPT = "tests/reference/make_tf_reference.py"
+SCRIPT = "tests/tf/reference/make_tf_reference.py"
 
 PARAM_SEED = 20240611
 DATA_SEED = 7

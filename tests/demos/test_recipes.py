@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 from support import run_process_group
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"
 
 

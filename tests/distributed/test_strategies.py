@@ -12,7 +12,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning_optloss import agc_clipping_fn, callback_arguments
 from lightning_optloss.distributed import strategies
 
-sys.path.insert(0, str(Path(__file__).parent / "distributed"))
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 def _trainer(strategy, **kwargs) -> pl.Trainer:

@@ -1,6 +1,6 @@
 """Replay the real TF/tf-slim reference runs through a real Trainer; read the summaries back from MLflow.
 
-The fixtures come from ``tests/reference/make_tf_reference.py`` (run by hand with tensorflow-cpu and tf-slim;
+The fixtures come from ``tests/tf/reference/make_tf_reference.py`` (run by hand with tensorflow-cpu and tf-slim;
 CI does not install TF). Every case trains the same tiny model on the same batches with the same initial
 weights; weights after every step and every summary TF emitted must agree within rtol 1e-4.
 """
