@@ -319,17 +319,19 @@ class GradientPipeline:
         if "gradient_norm" in self.summaries:
             record.add_rows([f"{self.name}/gradient_norm/{key}" for key in keys], norms)
         if "gradients" in self.summaries:
-            moments = statistics.local_moments(gradients.grads, norms.dtype)
+            segments = statistics.GradientSegments(gradients.grads)
+            moments = segments.moments(norms.dtype)
             if gradients.sharded:
                 moments = self.access.combine_over_shards(moments, gradients.layouts, statistics.combine_moments)
             tags = [f"{self.name}/gradients/{key}/{statistic}" for key in keys for statistic in GRADIENT_STATISTICS]
             record.add_rows(tags, statistics.gradient_statistics(moments, norms))
             if self.histograms:
-                record.add_histograms([entry.name for entry in gradients.entries], self._histograms(gradients, moments))
+                table = self._histograms(gradients, segments, moments)
+                record.add_histograms([entry.name for entry in gradients.entries], table)
 
-    def _histograms(self, gradients: StepGradients, moments: Tensor) -> Tensor:
+    def _histograms(self, gradients: StepGradients, segments: statistics.GradientSegments, moments: Tensor) -> Tensor:
         """The histogram table, bins over each full gradient's [min, max] (counts summed over shards)."""
-        table = histograms.histogram_table(gradients.grads, bounds=moments[:, 3:5])
+        table = histograms.histogram_table(segments, bounds=moments[:, 3:5])
         if gradients.sharded:
             counts = self.access.combine_over_shards(table[:, 2:], gradients.layouts, lambda parts: parts.sum(0))
             table = torch.cat([table[:, :2], counts], dim=1)
