@@ -310,17 +310,19 @@ class GradientPipeline:
         if "gradient_norm" in self.summaries:
             record.add_parameter_norms(keys, norms)
         if "gradients" in self.summaries:
-            moments = statistics.local_moments(gradients.grads, norms.dtype)
+            segments = statistics.GradientSegments(gradients.grads)
+            moments = segments.moments(norms.dtype)
             if gradients.sharded:
                 moments = self.access.combine_over_shards(moments, gradients.layouts, statistics.combine_moments)
             statistic_tags = [tags.gradient_statistic(key, stat) for key in keys for stat in tags.GRADIENT_STATISTICS]
             record.add_rows(statistic_tags, statistics.gradient_statistics(moments, norms))
             if self.histograms:
-                record.add_histograms([entry.name for entry in gradients.entries], self._histograms(gradients, moments))
+                table = self._histograms(gradients, segments, moments)
+                record.add_histograms([entry.name for entry in gradients.entries], table)
 
-    def _histograms(self, gradients: StepGradients, moments: Tensor) -> Tensor:
+    def _histograms(self, gradients: StepGradients, segments: statistics.GradientSegments, moments: Tensor) -> Tensor:
         """The histogram table, bins over each full gradient's [min, max] (counts summed over shards)."""
-        table = histograms.histogram_table(gradients.grads, bounds=moments[:, 3:5])
+        table = histograms.histogram_table(segments, bounds=moments[:, 3:5])
         if gradients.sharded:
             counts = self.access.combine_over_shards(table[:, 2:], gradients.layouts, lambda parts: parts.sum(0))
             table = torch.cat([table[:, :2], counts], dim=1)

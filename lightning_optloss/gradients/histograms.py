@@ -3,7 +3,7 @@
 TF's ``gradients`` summary wrote a histogram per variable. MLflow has no histogram type, so
 lightning_optloss keeps TF's statistics as metrics and also counts each gradient into a fixed number of
 equal bins over ``[min, max]`` of that step's gradient. :func:`histogram_table` does it with fixed-size
-tensors only (``aminmax``, arithmetic, ``index_add_``): no ``torch.histc`` with tensor bounds and no
+tensors only (segment minima and maxima, arithmetic, ``index_add_``): no ``torch.histc`` with tensor bounds and no
 ``bincount`` (both read a value back to size their work), so the table rides along in the one
 device-to-host copy of a logged step, and :class:`Histogram` turns the copied numbers into edges and counts.
 
@@ -30,37 +30,56 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_optloss.gradients.statistics import GradientSegments, SegmentGroup
+
 HISTOGRAM_BINS = 30
 
 
-def histogram_table(grads: Sequence[Tensor], bins: int = HISTOGRAM_BINS, bounds: Tensor | None = None) -> Tensor:
+def histogram_table(
+    grads: Sequence[Tensor] | GradientSegments, bins: int = HISTOGRAM_BINS, bounds: Tensor | None = None
+) -> Tensor:
     """Per gradient, ``[min, max, count_0, ..., count_{bins-1}]``: a ``(len(grads), bins + 2)`` float64 tensor.
 
     ``bounds`` (``(len(grads), 2)``: min and max per gradient), when given, replaces each gradient's own
     range: the shards of a sharded gradient then bin over the full gradient's range, and their counts add up.
+    ``grads`` may be the :class:`~lightning_optloss.gradients.statistics.GradientSegments` the moments were
+    taken from (no second concatenation).
 
-    Computed on the gradients' device with no host synchronisation. Peak extra memory is about 8 bytes per
-    element of the largest gradient (its bin indices and positions), freed before the next gradient.
+    Computed on the gradients' device with no host synchronisation, in a few kernels for all gradients: the
+    bin of each element of a flat group (segment ``s``: bin ``s * bins + b``) is counted with one
+    ``index_add_``. Peak extra memory is about 12 bytes per element of the largest group (the gradients under
+    :data:`~lightning_optloss.gradients.statistics.SEGMENT_LIMIT` elements together, or one larger gradient).
+
+    >>> histogram_table([torch.tensor([0.0, 1.0, 1.0, 4.0])], bins=2).tolist()
+    [[0.0, 4.0, 3.0, 1.0]]
     """
     if bins < 1:
         raise ValueError(f"histogram_table: `bins` must be an integer >= 1; got {bins!r}.")
-    rows = []
-    for position, grad in enumerate(grads):
-        values = grad.detach().reshape(-1)
-        if values.dtype != torch.float64:
-            values = values.float()
-        if bounds is None:
-            low, high = torch.aminmax(values)
-        else:
-            low, high = bounds[position].to(values.device, values.dtype).unbind()
-        width = (high - low) / bins
-        position = (values - low) / torch.where(width > 0, width, torch.ones_like(width))
-        index = position.nan_to_num_(0.0, posinf=bins - 1, neginf=0.0).clamp_(0, bins - 1).to(torch.int32)
-        del position
-        one = torch.ones((), dtype=torch.int64, device=values.device)
-        counts = torch.zeros(bins, dtype=torch.int64, device=values.device).index_add_(0, index, one.expand(len(index)))
-        rows.append(torch.cat([torch.stack([low, high]).to(torch.float64), counts.to(torch.float64)]))
-    return torch.stack(rows)
+    segments = grads if isinstance(grads, GradientSegments) else GradientSegments(grads)
+    table = torch.empty(segments.size, bins + 2, dtype=torch.float64, device=segments.device)
+    for group, flat in segments:
+        table.index_copy_(0, group.index.to(segments.device), _group_histograms(group, flat, bins, bounds))
+    return table
+
+
+def _group_histograms(group: SegmentGroup, flat: Tensor, bins: int, bounds: Tensor | None) -> Tensor:
+    """The rows of :func:`histogram_table` for one group of gradients."""
+    values = flat if flat.dtype == torch.float64 else flat.float()
+    if bounds is None:
+        low, high = group.extreme(values, "amin"), group.extreme(values, "amax")
+    else:
+        low, high = bounds.to(values.device, values.dtype).index_select(0, group.index).unbind(1)
+    width = (high - low) / bins
+    position = (values - group.spread(low)) / group.spread(torch.where(width > 0, width, torch.ones_like(width)))
+    index = position.nan_to_num_(0.0, posinf=bins - 1, neginf=0.0).clamp_(0, bins - 1).to(torch.int64)
+    del position
+    if group.segment_ids is not None:
+        index.add_(group.segment_ids, alpha=bins)
+    one = torch.ones((), dtype=torch.int64, device=values.device)
+    counts = torch.zeros(len(group.positions) * bins, dtype=torch.int64, device=values.device)
+    counts.index_add_(0, index, one.expand(len(index)))
+    edges = torch.stack([low, high], 1).to(torch.float64)
+    return torch.cat([edges, counts.view(-1, bins).to(torch.float64)], 1).to(flat.device)
 
 
 @dataclass(frozen=True)

@@ -48,22 +48,27 @@ def noise_seed(seed: int, step: int, chunk: int) -> int:
     return _splitmix64(_splitmix64(_splitmix64(seed) ^ step) ^ chunk) >> 1
 
 
-def truncated_normal(shape: Sequence[int], generator: torch.Generator, device: torch.device) -> Tensor:
+def truncated_normal(
+    shape: Sequence[int], generator: torch.Generator, device: torch.device, out: Tensor | None = None
+) -> Tensor:
     """Standard normal samples cut at ±2 standard deviations (``tf.random.truncated_normal``), float32.
 
     On the CPU, out-of-range samples are redrawn (:func:`truncated_normal_by_redrawing`, TF's method, about
     1.6x the cost of ``torch.randn``); on accelerators the inverse CDF is used
     (:func:`truncated_normal_by_inverse_cdf`), which needs no host synchronisation. Both give the same
-    distribution, not the same numbers.
+    distribution, not the same numbers. ``out`` (float32, of ``shape``, on ``device``), when given, receives
+    the samples (the same numbers as without it).
     """
     if device.type == "cpu":
-        return truncated_normal_by_redrawing(shape, generator, device)
-    return truncated_normal_by_inverse_cdf(shape, generator, device)
+        return truncated_normal_by_redrawing(shape, generator, device, out)
+    return truncated_normal_by_inverse_cdf(shape, generator, device, out)
 
 
-def truncated_normal_by_redrawing(shape: Sequence[int], generator: torch.Generator, device: torch.device) -> Tensor:
+def truncated_normal_by_redrawing(
+    shape: Sequence[int], generator: torch.Generator, device: torch.device, out: Tensor | None = None
+) -> Tensor:
     """Draw normals, redraw those beyond ±2 until none is left (reads the count: syncs on accelerators)."""
-    sample = torch.randn(shape, generator=generator, device=device)
+    sample = torch.randn(shape, generator=generator, device=device, out=out)
     flat = sample.view(-1)
     outside = (flat.abs() > _TRUNCATION).nonzero().squeeze(1)
     while outside.numel():
@@ -73,28 +78,54 @@ def truncated_normal_by_redrawing(shape: Sequence[int], generator: torch.Generat
     return sample
 
 
-def truncated_normal_by_inverse_cdf(shape: Sequence[int], generator: torch.Generator, device: torch.device) -> Tensor:
+def truncated_normal_by_inverse_cdf(
+    shape: Sequence[int], generator: torch.Generator, device: torch.device, out: Tensor | None = None
+) -> Tensor:
     """``sqrt(2) * erfinv(2u - 1)`` for ``u`` uniform between the CDF at -2 and at +2: no host sync."""
     bound = 0.5 * (1.0 + math.erf(_TRUNCATION / math.sqrt(2.0)))
-    sample = torch.empty(shape, device=device).uniform_(1.0 - bound, bound, generator=generator)
+    sample = torch.empty(shape, device=device) if out is None else out
+    sample.uniform_(1.0 - bound, bound, generator=generator)
     return sample.mul_(2.0).sub_(1.0).erfinv_().mul_(math.sqrt(2.0)).clamp_(-_TRUNCATION, _TRUNCATION)
 
 
 @dataclass(frozen=True)
 class _ChunkPlan:
-    """How one noise chunk is added: its split into consecutive parts, and which part goes to which gradient.
+    """How one noise chunk is added: its cut into consecutive parts, and which part goes to which gradient.
 
-    ``parts`` picks the parts that are added (from ``chunk.split(lengths)``), ``targets`` the flattened
-    gradients they are added to, in the same order; ``slices`` are ``(k, start, stop)`` for the targets that
-    take only elements ``[start, stop)`` of their gradient (one spanning several chunks). Pickers are
-    ``operator.itemgetter``s, so a step does no Python loop over the parameters of a chunk.
+    ``templates`` are ``meta`` tensors with the shapes of the consecutive parts (a gradient's shape for a
+    gradient that lies whole in the chunk, 1-d for a range of one and for the numbers of parameters not
+    here); the chunk is cut into views of those shapes in one C++ call (``unflatten_dense_tensors``, as DDP's
+    buckets). ``parts`` picks the parts that are added, ``targets`` the gradients they are added to, in the
+    same order; ``slices`` are ``(k, start, stop)`` for the targets that take only elements ``[start, stop)``
+    of their (flattened) gradient, one spanning several chunks. Pickers are ``operator.itemgetter``s, so a
+    step does no Python loop over the parameters of a chunk.
     """
 
     chunk: int
-    lengths: tuple[int, ...]
+    templates: tuple[Tensor, ...]
     parts: Callable[[Sequence[Tensor]], tuple[Tensor, ...]]
     targets: Callable[[Sequence[Tensor]], tuple[Tensor, ...]]
     slices: tuple[tuple[int, int, int], ...]
+
+    def cut(self, noise: Tensor) -> tuple[Tensor, ...]:
+        """The parts of ``noise`` (this chunk's numbers) that are added, as views shaped like their targets."""
+        return self.parts(torch._C._nn.unflatten_dense_tensors(noise, self.templates))
+
+
+@dataclass(frozen=True)
+class _NoisePlan:
+    """The chunk plans of one set of gradients, the gradients handled whole, and for gradients that lie in one
+    chunk, ``cut``: a buffer that chunk is drawn into every step and its parts cut once (no Python work per
+    gradient and step)."""
+
+    chunks: list[_ChunkPlan]
+    whole: list[int]
+    cut: tuple[Tensor, tuple[Tensor, ...]] | None
+
+
+def _template(shape: Sequence[int]) -> Tensor:
+    """A tensor with this shape and no storage: what ``unflatten_dense_tensors`` cuts a chunk by."""
+    return torch.empty(shape, device="meta")
 
 
 def _picker(positions: Sequence[int]) -> Callable[[Sequence[Tensor]], tuple[Tensor, ...]]:
@@ -146,15 +177,16 @@ class GradientNoise:
         """What is re-made after unpickling: generators (per thread), threads, plans."""
         self._local = threading.local()
         self._pool: ThreadPoolExecutor | None = None
-        self._plans: dict[tuple[object, ...], tuple[list[_ChunkPlan], list[int]]] = {}
+        self._plans: dict[tuple[object, ...], _NoisePlan] = {}
 
     @staticmethod
     def chunk_size(device: torch.device) -> int:
         """Numbers per generator seed: 2**18 on a CPU, 2**22 on accelerators (fewer kernel launches)."""
         return _CPU_CHUNK if device.type == "cpu" else _ACCELERATOR_CHUNK
 
-    def chunk(self, step: int, chunk: int, device: torch.device) -> Tensor:
-        """The unscaled float32 noise of chunk ``chunk`` at ``step`` (the last chunk may be shorter)."""
+    def chunk(self, step: int, chunk: int, device: torch.device, out: Tensor | None = None) -> Tensor:
+        """The unscaled float32 noise of chunk ``chunk`` at ``step`` (the last chunk may be shorter), in ``out``
+        when given."""
         size = self.chunk_size(device)
         length = min(size, self.total - chunk * size)
         generators = getattr(self._local, "generators", None)
@@ -164,7 +196,7 @@ class GradientNoise:
         if generator is None:
             generator = generators[device] = torch.Generator(device=device)
         generator.manual_seed(noise_seed(self.seed, step, chunk))
-        return truncated_normal((length,), generator, device)
+        return truncated_normal((length,), generator, device, out)
 
     def sample(self, index: int, step: int, device: torch.device, start: int = 0, stop: int | None = None) -> Tensor:
         """The unscaled noise of elements ``[start, stop)`` of parameter ``index`` (flattened) at ``step``."""
@@ -192,31 +224,38 @@ class GradientNoise:
         """
         layouts = layouts if layouts is not None and any(layouts) else None
         device = grads[0].device
-        try:
-            flats = [grad if grad.dim() == 1 else grad.view(-1) for grad in grads]
-            contiguous: tuple[bool, ...] | None = None
-        except RuntimeError:  # a gradient whose elements are not one strided range: handled whole
+        shapes = tuple(grad.shape for grad in grads)
+        contiguous = None
+        if not all(grad.is_contiguous() for grad in grads):  # not one strided range: those are handled whole
             contiguous = tuple(grad.is_contiguous() for grad in grads)
-            flats = [grad.view(-1) if ok else grad for grad, ok in zip(grads, contiguous, strict=True)]
-        key = (tuple(indices), None if layouts is None else tuple(layouts), contiguous, device)
+        key = (tuple(indices), None if layouts is None else tuple(layouts), shapes, contiguous, device)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= _CACHED_NOISE_PLANS:
                 self._plans.clear()
-            plan = self._plans[key] = self._plan(indices, layouts, contiguous, device)
-        chunk_plans, whole = plan
+            chunk_plans, whole = self._plan(indices, layouts, shapes, contiguous, device)
+            cut = None
+            if len(chunk_plans) == 1:
+                size = self.chunk_size(device)
+                buffer = torch.empty(min(size, self.total - chunk_plans[0].chunk * size), device=device)
+                cut = (buffer, chunk_plans[0].cut(buffer))
+            plan = self._plans[key] = _NoisePlan(chunk_plans, whole, cut)
+        chunk_plans, whole = plan.chunks, plan.whole
         for position in whole:  # not one range of its parameter: the parameter's noise, then its part
             layout = layouts[position] if layouts is not None else None
             full = self.sample(indices[position], step, device)
             full = full.view(layout.full_shape if layout is not None else grads[position].shape)
             grads[position].add_(layout.local_part(full) if layout is not None else full, alpha=scale)
-        if device.type == "cpu" and len(chunk_plans) > 1 and torch.get_num_threads() > 1:
+        if plan.cut is not None:  # one chunk: drawn in place into the buffer its cut views
+            self.chunk(step, chunk_plans[0].chunk, device, out=plan.cut[0])
+            self._add_parts(scale, chunk_plans[0], grads, plan.cut[1])
+        elif device.type == "cpu" and len(chunk_plans) > 1 and torch.get_num_threads() > 1:
             pool = self._threads()
-            for future in [pool.submit(self._add_chunk, step, scale, device, p, flats) for p in chunk_plans]:
+            for future in [pool.submit(self._add_chunk, step, scale, device, p, grads) for p in chunk_plans]:
                 future.result()
         else:
             for chunk_plan in chunk_plans:
-                self._add_chunk(step, scale, device, chunk_plan, flats)
+                self._add_chunk(step, scale, device, chunk_plan, grads)
 
     def _add_chunk(
         self,
@@ -224,13 +263,18 @@ class GradientNoise:
         scale: float,
         device: torch.device,
         plan: _ChunkPlan,
-        flats: list[Tensor],
+        grads: Sequence[Tensor],
     ) -> None:
-        noise = self.chunk(step, plan.chunk, device)
-        targets = list(plan.targets(flats))
-        for k, start, stop in plan.slices:
-            targets[k] = targets[k][start:stop]
-        torch._foreach_add_(targets, list(plan.parts(noise.split(plan.lengths))), alpha=scale)
+        self._add_parts(scale, plan, grads, plan.cut(self.chunk(step, plan.chunk, device)))
+
+    @staticmethod
+    def _add_parts(scale: float, plan: _ChunkPlan, grads: Sequence[Tensor], parts: tuple[Tensor, ...]) -> None:
+        targets = plan.targets(grads)
+        if plan.slices:
+            targets = list(targets)
+            for k, start, stop in plan.slices:
+                targets[k] = targets[k].view(-1)[start:stop]
+        torch._foreach_add_(targets, parts, alpha=scale)
 
     def _threads(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -248,6 +292,7 @@ class GradientNoise:
         self,
         indices: Sequence[int],
         layouts: Sequence[Layout | None] | None,
+        shapes: Sequence[torch.Size],
         contiguous: Sequence[bool] | None,
         device: torch.device,
     ) -> tuple[list[_ChunkPlan], list[int]]:
@@ -268,22 +313,24 @@ class GradientNoise:
                 pieces.setdefault(c, []).append((low - c * size, high - c * size, position, low - first, high - first))
         plans = []
         for c, chunk_pieces in sorted(pieces.items()):
-            lengths: list[int] = []
+            templates: list[Tensor] = []
             parts, targets, slices = [], [], []
             cursor = 0
             for low, high, position, start, stop in sorted(chunk_pieces):
                 if low > cursor:  # numbers of parameters not here (no gradient, or another process's shard)
-                    lengths.append(low - cursor)
+                    templates.append(_template((low - cursor,)))
                 if (start, stop) != (0, self._span_length(indices[position], layouts, position)):
                     slices.append((len(targets), start, stop))
-                parts.append(len(lengths))
+                    templates.append(_template((high - low,)))
+                else:
+                    templates.append(_template(shapes[position]))
+                parts.append(len(templates) - 1)
                 targets.append(position)
-                lengths.append(high - low)
                 cursor = high
             end = min(size, self.total - c * size)
             if end > cursor:
-                lengths.append(end - cursor)
-            plans.append(_ChunkPlan(c, tuple(lengths), _picker(parts), _picker(targets), tuple(slices)))
+                templates.append(_template((end - cursor,)))
+            plans.append(_ChunkPlan(c, tuple(templates), _picker(parts), _picker(targets), tuple(slices)))
         return plans, whole
 
     def _span_length(self, index: int, layouts: Sequence[Layout | None] | None, position: int) -> int:

@@ -1,30 +1,140 @@
-"""Per-gradient statistics (TF's ``gradients`` / ``gradient_norm`` summaries): moments that combine over shards."""
+"""Per-gradient statistics (TF's ``gradients`` / ``gradient_norm`` summaries): moments that combine over shards.
+
+All gradients of a step are reduced in a few kernels, not a handful per gradient: :class:`GradientSegments`
+concatenates the gradients of fewer than :data:`SEGMENT_LIMIT` elements into one flat tensor per device and
+dtype, and reduces its segments (one per gradient) at once; a larger gradient is a segment of its own, reduced
+in place (concatenating it would copy it, and its kernels' fixed costs are already small beside its bytes).
+Sums are taken in float64 and the spread as a second pass around the mean (no cancellation of sum and sum of
+squares), so the moments equal the per-tensor ``torch.var_mean`` / ``torch.aminmax`` ones to rounding.
+"""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+import functools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+SEGMENT_LIMIT = 1 << 16  # elements: smaller gradients share a flat tensor, larger ones are reduced one by one
 
-def local_moments(grads: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+_CACHED_LAYOUTS = 8  # one per distinct set of gradients (optimizer, sharding)
+
+
+@dataclass(frozen=True)
+class SegmentGroup:
+    """Gradients reduced together: one flat tensor of one device and dtype, a segment per gradient.
+
+    ``positions`` are the gradients' positions in the step's list (``index``: the same, on the device);
+    ``segment_ids`` (the segment of each flat element) is None for a single large gradient, which is reduced
+    whole, with no copy.
+    """
+
+    positions: tuple[int, ...]
+    index: Tensor
+    lengths: Tensor
+    counts: Tensor  # float64 numbers of elements
+    segment_ids: Tensor | None
+
+    def spread(self, values: Tensor) -> Tensor:
+        """Per-segment ``values`` repeated over each segment's elements (broadcastable against the flat tensor)."""
+        return values if self.segment_ids is None else values.index_select(0, self.segment_ids)
+
+    def sum(self, values: Tensor) -> Tensor:
+        """Per-segment sums of the flat ``values`` (0 for an empty segment)."""
+        if self.segment_ids is None:
+            return values.sum().reshape(1)
+        return torch.segment_reduce(values, "sum", lengths=self.lengths, unsafe=True)
+
+    def extreme(self, values: Tensor, reduce: str) -> Tensor:
+        """Per-segment ``"amin"`` or ``"amax"`` of the flat ``values`` (NaN if a NaN is there; ±inf if empty)."""
+        if self.segment_ids is None:
+            return getattr(torch, reduce)(values).reshape(1)
+        initial = torch.inf if reduce == "amin" else -torch.inf
+        out = torch.full((len(self.positions),), initial, dtype=values.dtype, device=values.device)
+        return out.scatter_reduce_(0, self.segment_ids, values, reduce)
+
+
+@functools.lru_cache(maxsize=_CACHED_LAYOUTS)
+def _layout(shapes: tuple[tuple[int, torch.dtype, torch.device], ...]) -> tuple[SegmentGroup, ...]:
+    """The groups for gradients of these ``(numel, dtype, device)``: made once per distinct set of gradients."""
+    small: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    groups = []
+    for position, (numel, dtype, device) in enumerate(shapes):
+        if numel >= SEGMENT_LIMIT:
+            groups.append(_group((position,), [numel], device, segmented=False))
+        else:
+            small.setdefault((dtype, device), []).append(position)
+    for (_, device), positions in small.items():
+        groups.append(_group(tuple(positions), [shapes[p][0] for p in positions], device, segmented=True))
+    return tuple(groups)
+
+
+def _group(positions: tuple[int, ...], lengths: list[int], device: torch.device, segmented: bool) -> SegmentGroup:
+    lengths_tensor = torch.tensor(lengths, dtype=torch.int64, device=device)
+    ids = None
+    if segmented:
+        ids = torch.repeat_interleave(
+            torch.arange(len(lengths), device=device), lengths_tensor, output_size=sum(lengths)
+        )
+    return SegmentGroup(
+        positions,
+        torch.tensor(positions, dtype=torch.int64, device=device),
+        lengths_tensor,
+        lengths_tensor.to(torch.float64),
+        ids,
+    )
+
+
+class GradientSegments:
+    """A step's gradients as a few flat tensors with segments, shared by the moments and the histograms.
+
+    Building it concatenates the gradients under :data:`SEGMENT_LIMIT` elements (one copy of them); the
+    layout (segment of each element) is cached per distinct set of gradient sizes, dtypes and devices.
+
+    >>> segments = GradientSegments([torch.tensor([1.0, 3.0]), torch.tensor([[2.0]])])
+    >>> segments.moments(torch.float64)[:, :3].tolist()  # count, mean, sum of squared deviations
+    [[2.0, 2.0, 2.0], [1.0, 2.0, 0.0]]
+    """
+
+    def __init__(self, grads: Sequence[Tensor]) -> None:
+        self.size = len(grads)
+        self.device = grads[0].device
+        self.groups = _layout(tuple((grad.numel(), grad.dtype, grad.device) for grad in grads))
+        self.flats = [_flatten(grads, group) for group in self.groups]
+
+    def __iter__(self) -> Iterator[tuple[SegmentGroup, Tensor]]:
+        return iter(zip(self.groups, self.flats, strict=True))
+
+    def moments(self, dtype: torch.dtype) -> Tensor:
+        """Per-gradient ``[count, mean, m2, min, max]`` as ``(len(grads), 5)`` of ``dtype`` (:func:`local_moments`)."""
+        rows = torch.empty(self.size, 5, dtype=torch.float64, device=self.device)
+        for group, flat in self:
+            values = flat.to(torch.float64)
+            sums = group.sum(values)
+            mean = torch.where(group.counts > 0, sums / group.counts, 0.0)
+            m2 = group.sum((values - group.spread(mean)).square_())
+            block = [group.counts, mean, m2, group.extreme(values, "amin"), group.extreme(values, "amax")]
+            rows.index_copy_(0, group.index.to(self.device), torch.stack([part.to(self.device) for part in block], 1))
+        return rows.to(dtype)
+
+
+def _flatten(grads: Sequence[Tensor], group: SegmentGroup) -> Tensor:
+    if group.segment_ids is None:
+        return grads[group.positions[0]].detach().reshape(-1)
+    # torch's C++ concatenation of flattened tensors (what DDP's bucketing uses): no Python loop per gradient.
+    return torch._C._nn.flatten_dense_tensors([grads[p].detach() for p in group.positions])
+
+
+def local_moments(grads: Sequence[Tensor] | GradientSegments, dtype: torch.dtype) -> Tensor:
     """Per-gradient ``[count, mean, m2, min, max]`` (``m2``: sum of squared deviations) as ``(len(grads), 5)``.
 
     Moments of shards combine exactly with :func:`combine_moments`; an empty shard is ``[0, 0, 0, inf, -inf]``.
+    A NaN gives NaN moments, an infinite element an infinite mean and NaN ``m2`` (as ``torch.var_mean``).
     """
-    rows = []
-    for grad in grads:
-        values = grad.detach().reshape(-1).to(dtype)
-        if values.numel() == 0:
-            rows.append(torch.tensor([0.0, 0.0, 0.0, math.inf, -math.inf], dtype=dtype, device=grad.device))
-            continue
-        variance, mean = torch.var_mean(values, correction=0)
-        low, high = torch.aminmax(values)
-        count = torch.full((), values.numel(), dtype=dtype, device=grad.device)
-        rows.append(torch.stack([count, mean, variance * count, low, high]))
-    return torch.stack(rows)
+    segments = grads if isinstance(grads, GradientSegments) else GradientSegments(grads)
+    return segments.moments(dtype)
 
 
 def combine_moments(parts: Tensor) -> Tensor:
