@@ -16,7 +16,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_optloss.common import transfers, validation
+from lightning_optloss import checkpoint_state
+from lightning_optloss.common import pickling, transfers, validation
 from lightning_optloss.common.parameters import ModuleParameters, NamedParameter, ParameterKey
 from lightning_optloss.distributed import strategies
 from lightning_optloss.gradients import clipping, histograms
@@ -182,10 +183,10 @@ class OptimizeLoss(Callback):
         state = self.__dict__.copy()
         for key in _RUN_STATE:
             state.pop(key, None)
-        return state
+        return pickling.checked_state(_OWNER, state, ("clip_gradients", "update_ops", "gradient_noise_scale"))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update(pickling.unwrapped_state(state))
         self._reset_run_state()
 
     @property
@@ -469,7 +470,13 @@ class OptimizeLoss(Callback):
         }
         if hasattr(self.clip_gradients, "state_dict"):
             state["clip_gradients"] = self.clip_gradients.state_dict()
+            state["clip_kind"] = checkpoint_state.clip_kind(self.clip_gradients)
         return state
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint_state.warn_if_missing(_OWNER, self.state_key, checkpoint)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_world_size = state_dict.get("world_size")
@@ -478,8 +485,7 @@ class OptimizeLoss(Callback):
             self._resolved_seed = int(state_dict["seed"])
             if self._pipeline is not None and self._pipeline.noise is not None:
                 self._pipeline.noise.seed = self._resolved_seed
-        if "clip_gradients" in state_dict and hasattr(self.clip_gradients, "load_state_dict"):
-            self.clip_gradients.load_state_dict(state_dict["clip_gradients"])
+        checkpoint_state.restore_clip(_OWNER, self.clip_gradients, state_dict)
 
 
 # Resolved by setup/on_fit_start from the Trainer: dropped when pickled for ddp_spawn, rebuilt in the worker.

@@ -82,18 +82,17 @@ class Report:
 @dataclass
 class DiskFaults:
     """What the spill and rejected files could not take: ``dropped`` records (lost: memory was full too), the
-    first and last of them, and the last ``error`` (None when every write succeeded)."""
+    last ``error`` (None when every write succeeded), and ``on_drop``, called with each dropped record."""
 
     failed_writes: int = 0
     dropped: int = 0
-    first_dropped: Record | None = None
-    last_dropped: Record | None = None
     error: OSError | None = None
+    on_drop: Callable[[Record], None] | None = None
 
     def drop(self, record: Record) -> None:
         self.dropped += 1
-        self.first_dropped = self.first_dropped or record
-        self.last_dropped = record
+        if self.on_drop is not None:
+            self.on_drop(record)
 
 
 def make_private_folder(folder: Path) -> None:
@@ -161,8 +160,7 @@ class SpillFile:
                 os.fsync(self._descriptor)
 
     def pop(self) -> Record | None:
-        """The oldest unread record (None when the rest of the file is unreadable); the file is emptied once
-        everything in it has been read."""
+        """The oldest unread record (None when the rest of the file is unreadable); it stays in the file."""
         descriptor = self._open()
         with os.fdopen(os.dup(descriptor), "rb") as file:
             file.seek(self._offset)
@@ -181,11 +179,15 @@ class SpillFile:
                     self.unreadable += 1
                     log.warning("%s: skipped an unreadable line at byte %d", self.path, self._offset)
             self._offset = file.tell()
-        if not self.unread:
-            with contextlib.suppress(OSError):
-                os.ftruncate(descriptor, 0)
-                self._offset = 0
         return record
+
+    def clear_if_read(self) -> None:
+        """Empty the file when every record in it has been read (call once those records are delivered: until
+        then a killed process leaves them in the file)."""
+        if not self.unread and self._offset and self._descriptor is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._descriptor, 0)
+                self._offset = 0
 
     def unread_lines(self) -> list[bytes]:
         if not self.unread:
@@ -507,6 +509,7 @@ class Delivery:
             log.info("%s: delivering again after %d failed attempts", self._name, self._failures)
         self.delivered += len(self._in_flight)
         self._in_flight = []
+        self._spill.clear_if_read()
         self._sending = None
         self._failures = 0
         self._cond.notify_all()
@@ -532,6 +535,7 @@ class Delivery:
             self.disk.drop(record)
         self.rejected += 1
         self.last_rejection = error
+        self._spill.clear_if_read()
         self._cond.notify_all()
 
     def _wait_after_failure(self, generation: int, error: BaseException) -> None:

@@ -166,10 +166,11 @@ class MLFlowLogger(StockMLFlowLogger):
         self._warned: set[str] = set()
         self._local = threading.local()
         self._queueing_client = _QueueingClient(self)
+        self._dropped = outbox.DropTally()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("_delivery", "_sender", "_staging", "_staged", "_warned", "_local", "_queueing_client"):
+        for key in ("_delivery", "_sender", "_staging", "_staged", "_warned", "_local", "_queueing_client", "_dropped"):
             del state[key]
         return state
 
@@ -237,6 +238,23 @@ class MLFlowLogger(StockMLFlowLogger):
         self._close()
 
     @property
+    def stats(self) -> dict[str, int]:
+        """Counts since the first record: ``delivered`` records, ``calls`` made to MLflow (merged records make
+        fewer calls than records), ``spilled`` to disk, ``dropped`` (a disk fault), ``rejected`` by the server,
+        and ``queued_bytes`` waiting in memory (their JSON size)."""
+        delivery = self._delivery
+        if delivery is None:
+            return dict.fromkeys(("delivered", "calls", "spilled", "dropped", "rejected", "queued_bytes"), 0)
+        return {
+            "delivered": delivery.delivered,
+            "calls": delivery.sends,
+            "spilled": delivery.spilled,
+            "dropped": delivery.disk.dropped,
+            "rejected": delivery.rejected,
+            "queued_bytes": delivery.memory_bytes,
+        }
+
+    @property
     def pending(self) -> int:
         """Records queued and not delivered yet (in memory or in the spill file)."""
         return 0 if self._delivery is None else self._delivery.pending
@@ -266,6 +284,7 @@ class MLFlowLogger(StockMLFlowLogger):
             durable=self.durable,
             name=f"mlflow-delivery-{run_id[:8]}",
         )
+        delivery.disk.on_drop = self._dropped.add
         for record in leftovers.later_records():
             delivery.put(record)
         leftovers.remove_later_files()
@@ -300,7 +319,7 @@ class MLFlowLogger(StockMLFlowLogger):
                 stacklevel=2,
             )
         if delivery.disk.dropped:
-            warnings.warn(f"{_OWNER}: {outbox.dropped_message(delivery)}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"{_OWNER}: {outbox.dropped_message(delivery, self._dropped)}", RuntimeWarning, stacklevel=2)
 
     def _warn_about_delivery(self) -> None:
         delivery = self._delivery
@@ -355,19 +374,29 @@ class MLFlowLogger(StockMLFlowLogger):
             return None
         return str(target)
 
-    def _upload_now(self, record: Record) -> None:
-        """Upload an artifact that could not be staged, on this thread (one try: it is gone after the call)."""
+    def _upload_now(self, record: Record, attempts: int = 3) -> None:
+        """Upload an artifact that could not be staged, on this thread: its file may be gone after the call.
+
+        At most ``attempts`` tries (each within the request timeout, which grows after a timeout); then it is
+        counted as dropped, with a warning.
+        """
         assert self._sender is not None and self._delivery is not None
-        try:
-            self._sender(record)
-        except Exception as error:
-            self._delivery.disk.drop(record)
-            warnings.warn(
-                f"{_OWNER}: could not stage {record['local_path']} on disk ({_brief(self._delivery.disk.error)}) "
-                f"nor upload it directly ({_brief(error)}); it is not in the run.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+        for attempt in range(attempts):
+            try:
+                self._sender(record)
+                return
+            except Exception as error:
+                if attempt + 1 < attempts and not mlflow_records.is_permanent(error):
+                    continue
+                self._delivery.disk.drop(record)
+                warnings.warn(
+                    f"{_OWNER}: could not stage {record['local_path']} on disk "
+                    f"({_brief(self._delivery.disk.error)}) nor upload it directly ({_brief(error)}); it is not in "
+                    "the run.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                return
 
 
 def replay_command(spill_path: Path | Sequence[Path], tracking_uri: str) -> str:

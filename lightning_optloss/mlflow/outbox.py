@@ -92,8 +92,39 @@ def remove_staged(path: Path) -> None:
             path.parent.rmdir()
 
 
-def _steps(records: list[Record | None]) -> list[int]:
-    return [m["step"] for record in records if record and record["type"] == "batch" for m in record["metrics"]]
+@dataclass
+class DropTally:
+    """The records a disk fault made the logger drop, in short: what they held and their step range."""
+
+    records: int = 0
+    held: list[Record] = field(default_factory=list)
+    first_step: int | None = None
+    last_step: int | None = None
+
+    def add(self, record: Record) -> None:
+        self.records += 1
+        steps = [metric["step"] for metric in record["metrics"]] if record["type"] == "batch" else []
+        if steps:
+            self.first_step = min(steps + ([self.first_step] if self.first_step is not None else []))
+            self.last_step = max(steps + ([self.last_step] if self.last_step is not None else []))
+        # what summary() needs, without the values: memory stays small however much is dropped
+        self.held.append({**record, "metrics": [{"step": m["step"]} for m in record.get("metrics", ())]})
+        if len(self.held) > 64:
+            batches = [held for held in self.held if held["type"] == "batch"]
+            self.held = [held for held in self.held if held["type"] != "batch"] + [_merge_counts(batches)]
+
+    def describe(self) -> str:
+        span = f", steps {self.first_step} to {self.last_step}" if self.first_step is not None else ""
+        return f"{self.records} records ({summary(self.held)}{span})"
+
+
+def _merge_counts(records: list[Record]) -> Record:
+    """One batch-shaped record whose counts are those of ``records`` (statuses and artifacts kept apart)."""
+    kept = {"type": "batch", "run_id": "", "metrics": [], "params": [], "tags": []}
+    for record in records:
+        for part in ("metrics", "params", "tags"):
+            kept[part] += record.get(part, [])
+    return kept
 
 
 def disk_message(delivery: Delivery) -> str:
@@ -107,14 +138,11 @@ def disk_message(delivery: Delivery) -> str:
     )
 
 
-def dropped_message(delivery: Delivery) -> str:
+def dropped_message(delivery: Delivery, tally: DropTally) -> str:
     """The warning for what the disk made the logger drop: how many, which steps, and why."""
     disk = delivery.disk
-    steps = _steps([disk.first_dropped, disk.last_dropped])
-    span = f", steps {min(steps)} to {max(steps)}" if steps else ""
-    dropped = summary([record for record in (disk.first_dropped, disk.last_dropped) if record])
     return (
-        f"dropped {disk.dropped} records{span} (the first and last: {dropped}) that neither memory nor the spill "
-        f"folder {delivery.spill_path.parent} could hold ({type(disk.error).__name__}: {disk.error}; "
-        f"{disk.failed_writes} failed writes). They are not in the MLflow run."
+        f"dropped {tally.describe()} that neither memory nor the spill folder {delivery.spill_path.parent} could "
+        f"hold ({type(disk.error).__name__}: {disk.error}; {disk.failed_writes} failed writes). They are not in "
+        "the MLflow run."
     )
