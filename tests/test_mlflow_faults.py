@@ -38,7 +38,7 @@ PASSWORD = "pa55-W0rd-h11"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     launched = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    launched.start()
+    launched.start(timeout=300.0)  # seconds on an idle machine; minutes on a loaded one
     yield launched
     launched.kill()
 
@@ -57,10 +57,12 @@ class Logged(TinyRegression):
 
 
 def new_logger(uri: str, spill_dir: Path, **kwargs) -> MLFlowLogger:  # type: ignore[no-untyped-def]
+    """A logger whose run exists (created while the server answers, as at the start of a fit)."""
     options = {"flush_timeout": 10.0, "request_timeout": 5.0, **kwargs}
-    return MLFlowLogger(
-        experiment_name=f"faults-{uuid.uuid4().hex[:10]}", tracking_uri=uri, spill_dir=spill_dir, **options
-    )
+    name = f"faults-{uuid.uuid4().hex[:10]}"
+    logger = MLFlowLogger(experiment_name=name, tracking_uri=uri, spill_dir=spill_dir, **options)
+    assert logger.run_id
+    return logger
 
 
 def fit(logger: MLFlowLogger, steps: int) -> None:

@@ -5,15 +5,19 @@ factor 2) and cannot be interrupted; the delivery worker needs one try with a ti
 when to try again. MLflow has no public switch for that, so :class:`SingleTryRestStore` overrides
 ``RestStore._call_endpoint`` and reads ``RestStore._METHOD_TO_INFO`` (endpoint and HTTP method of each API) and
 ``RestStore._V3_APIS`` (APIs with another route, left to MLflow), and :class:`SingleTryTrackingClient` subclasses
-the private ``mlflow.tracking._tracking_service.client.TrackingServiceClient``. :data:`PRIVATE_APIS` names them
+the private ``mlflow.tracking._tracking_service.client.TrackingServiceClient`` (and overrides its ``_log_url``,
+which prints the tracking URI's credentials). :data:`PRIVATE_APIS` names them
 all; :func:`missing_private_apis` says which of them an installed MLflow no longer has.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import io
 import json
+import sys
 from typing import Any
 
 from mlflow.store.tracking.rest_store import RestStore
@@ -22,11 +26,14 @@ from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.proto_json_utils import parse_dict
 from mlflow.utils.rest_utils import http_request, verify_rest_response
 
+from lightning_optloss.common.redaction import redact
+
 PRIVATE_APIS = (
     "mlflow.tracking._tracking_service.client.TrackingServiceClient",
     "mlflow.store.tracking.rest_store.RestStore._call_endpoint",
     "mlflow.store.tracking.rest_store.RestStore._METHOD_TO_INFO",
     "mlflow.store.tracking.rest_store.RestStore._V3_APIS",
+    "mlflow.tracking._tracking_service.client.TrackingServiceClient._log_url",
 )
 """The private MLflow names this module uses (``module.Class.attribute``)."""
 
@@ -52,6 +59,9 @@ def missing_private_apis() -> list[str]:
         missing.append(f"{PRIVATE_APIS[2]} (not a dict of (endpoint, method) pairs)")
     if not isinstance(getattr(RestStore, "_V3_APIS", None), (set, frozenset, dict, list, tuple)):
         missing.append(f"{PRIVATE_APIS[3]} (gone or not a collection)")
+    log_url = getattr(TrackingServiceClient, "_log_url", None)
+    if log_url is None or tuple(inspect.signature(log_url).parameters) != ("self", "run_id"):
+        missing.append(f"{PRIVATE_APIS[4]} (gone, or no longer (self, run_id))")
     return missing
 
 
@@ -98,7 +108,17 @@ class SingleTryRestStore(RestStore):
 
 
 class SingleTryTrackingClient(TrackingServiceClient):
-    """MLflow's tracking client on a :class:`SingleTryRestStore` (``store.timeout`` is its request timeout)."""
+    """MLflow's tracking client on a :class:`SingleTryRestStore` (``store.timeout`` is its request timeout).
+
+    ``set_terminated`` prints the run's URL (``TrackingServiceClient._log_url``) with the tracking URI's
+    credentials; here they are redacted first.
+    """
+
+    def _log_url(self, run_id: str) -> None:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            super()._log_url(run_id)
+        sys.stdout.write(redact(printed.getvalue()))
 
     def __init__(self, tracking_uri: str, timeout: float) -> None:
         self._single_try_store = SingleTryRestStore(tracking_uri, timeout)

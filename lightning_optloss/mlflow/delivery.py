@@ -285,7 +285,7 @@ class Delivery:
         self._spill = SpillFile(Path(spill_path))
         self.rejected_path = self._spill.path.with_name(self._spill.path.stem + ".rejected.jsonl")
         self._cond = threading.Condition()
-        self._memory: deque[tuple[Record, bytes]] = deque()
+        self._memory: deque[tuple[str, bytes]] = deque()  # (type, JSON line): a record takes its JSON's size
         self._memory_bytes = 0
         self._in_flight: list[Record] = []  # the records the record being sent stands for (several when merged)
         self._sending: Record | None = None
@@ -338,7 +338,7 @@ class Delivery:
                 self._memory.clear()  # what a disk fault had left in memory went first
                 self._memory_bytes = 0
             else:
-                self._memory.append((record, line))
+                self._memory.append((str(record.get("type")), line))
                 self._memory_bytes += len(line)
                 if self._over(1):
                     self._spill_oldest()
@@ -367,14 +367,16 @@ class Delivery:
             self.spilled += count
 
     def _drop_newest(self) -> None:
-        kept = [entry for entry in self._memory if entry[0].get("type") == "status"]
-        while self._over(2) and len(self._memory) > len(kept):
-            record, line = self._memory.pop()
-            if record.get("type") == "status":
-                self._memory.appendleft((record, line))  # never dropped: moved to the front of what is kept
+        """Drop the newest records until memory is within twice its bounds; a ``status`` record stays, last."""
+        statuses = []
+        while self._over(2) and self._memory:
+            kind, line = self._memory.pop()
+            if kind == "status":
+                statuses.append((kind, line))
                 continue
             self._memory_bytes -= len(line)
-            self.disk.drop(record)
+            self.disk.drop(json.loads(line))
+        self._memory.extend(reversed(statuses))
 
     def _try_spill(self, lines: list[bytes], fsync: float | None = None) -> bool:
         try:
@@ -418,7 +420,7 @@ class Delivery:
                 self._thread = None
                 self._cond.notify_all()
             first = self._in_flight + list(self._held)
-            left = [record for record, _ in self._memory]
+            left = [json.loads(line) for _, line in self._memory]
             try:
                 undelivered = self._spill.rewrite(first, left)
             except OSError as error:
@@ -489,8 +491,9 @@ class Delivery:
                 if record is None:
                     continue
             else:
-                record, line = self._memory.popleft()
+                _, line = self._memory.popleft()
                 self._memory_bytes -= len(line)
+                record = json.loads(line)
             if self._sending is None:
                 self._sending = record
             else:

@@ -5,7 +5,8 @@ Lightning's stock logger calls the server on the training thread, once per logge
 unreachable that call blocks for MLflow's whole retry policy (minutes) and then raises, which stops the run.
 This subclass has the same constructor and the same behaviour otherwise, but queues every call that reaches the
 server once the run exists (metrics, hyperparameters, tags, checkpoint artifacts, the final status) and sends
-them from a worker thread (:mod:`lightning_optloss.mlflow.delivery`), in order, one MLflow call per record. The record
+them from a worker thread (:mod:`lightning_optloss.mlflow.delivery`), in order, merging consecutive records into
+as few ``log_batch`` calls as MLflow's per-call limits allow. The record
 format of the spill files is described in :mod:`lightning_optloss.mlflow.records`.
 """
 
@@ -84,26 +85,43 @@ class MLFlowLogger(StockMLFlowLogger):
     error at the start, not an outage. Calls made directly on :attr:`experiment` are MLflow's, synchronous.
 
     **Outages.** A failed send is retried with exponential backoff (0.5 s doubling to 15 s); the records behind
-    it wait, in order; one warning says so. When more than ``max_queue`` records wait, the oldest go to the spill
-    file (``<spill_dir>/mlflow-<run id>-<time>.jsonl``), from which they are delivered first once the server
-    answers again. ``finalize`` (end of fit, and on exceptions: Lightning calls ``finalize("failed")``) flushes
-    for at most ``flush_timeout`` seconds, then leaves what is undelivered in the spill file, the status last,
-    and warns with the command that delivers it later::
+    it wait, in order; one warning per kind of failure says so, telling "cannot reach" from "answered 5xx/429"
+    from "too slow" (a request that times out makes the next ones wait up to 8 times ``request_timeout``). A
+    backlog drains in merged calls (1000 metrics, 100 params and tags per ``log_batch``). When more than
+    ``max_queue`` records or ``max_queue_bytes`` bytes wait, the oldest go to the spill file
+    (``<spill_dir>/mlflow-<run id>-<time>.jsonl``), from which they are delivered first once the server answers
+    again. ``finalize`` (end of fit, and on exceptions: Lightning calls ``finalize("failed")``) flushes for at
+    most ``flush_timeout`` seconds, then leaves what is undelivered in the spill file, the status last, and
+    warns with the command that delivers it later (never raising)::
 
         python -m lightning_optloss.mlflow_replay FILE --tracking-uri URI
 
     Records the server refuses (an invalid or changed param, a deleted run) are not retried: they go to
-    ``mlflow-<run id>-<time>.rejected.jsonl`` with the error, with a warning. Artifact files are hard-linked into
-    ``mlflow-<run id>-<time>.artifacts/`` when queued (so that ModelCheckpoint may delete or overwrite a checkpoint
-    before its upload), or copied when they are temporary files on another file system; otherwise the record
-    keeps the original path. Only rank 0 logs, so the worker thread only exists there.
+    ``mlflow-<run id>-<time>.rejected.jsonl`` with the error, with a warning. Artifact files are hard-linked (or
+    copied) into ``mlflow-<run id>-<time>.artifacts/`` when queued, so that ModelCheckpoint may delete or
+    overwrite a checkpoint before its upload; replay uploads from that folder only. Only rank 0 logs, so the
+    worker thread only exists there.
+
+    **Disk faults.** A write to the spill folder that fails (full, read-only, not writable, I/O error) never
+    reaches training: records stay in memory up to twice the bounds, then the newest are dropped; an artifact
+    that cannot be staged is uploaded directly (three tries); one warning names the disk as the cause, and one
+    at the end counts what was dropped and its steps. **Leftovers**: at the first record, spill files of the
+    same run in ``spill_dir`` (a resumed run) are delivered first; those of other runs get one warning with
+    the replay command. **Security**: spill files are created 0600 and folders 0700; credentials in the
+    tracking URI (``user:password@``, token query parameters) are replaced by ``***`` in every warning, log,
+    replay command, spill file, param and tag. See ``docs/mlflow-outages.md``.
 
     Args:
         max_queue: Records kept in memory before the oldest are moved to the spill file. Default 1000.
+        max_queue_bytes: Bytes (of the records' JSON) kept in memory before the oldest are moved to the spill
+            file. Default 256 MiB; None: no bound by size. Queued records are held as their JSON lines.
         flush_timeout: Seconds ``finalize`` waits for the queue to be delivered. Default 30.
         spill_dir: Folder of the spill file and the staged artifacts. Default None: the working directory at the
             first logged record.
         request_timeout: Seconds one HTTP request to the tracking server may take. Default 10.
+        durable: Append every record to the spill file before ``log_metrics`` returns (fsync at most every
+            100 ms), so that a killed process (SIGKILL, OOM) loses nothing it logged, and a machine crash at most
+            the last 100 ms. Default False: records wait in memory, lost if the process is killed.
 
     ``synchronous`` is accepted and has no effect: records are always sent off the training thread, and
     synchronously by the worker (MLflow's asynchronous logging drops a batch that fails, instead of retrying it).

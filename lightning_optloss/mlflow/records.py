@@ -229,6 +229,16 @@ def summary(records: Iterable[Record]) -> str:
     return ", ".join(parts) or "nothing"
 
 
+def _redact_error(error: BaseException) -> None:
+    """Remove credentials from the messages of ``error`` and its causes (MLflow quotes the URL it called)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        seen.args = tuple(redact(arg) if isinstance(arg, str) else arg for arg in seen.args)
+        if isinstance(getattr(seen, "message", None), str):
+            seen.message = redact(seen.message)  # type: ignore[attr-defined]
+        seen = seen.__cause__ or seen.__context__
+
+
 class Sender:
     """Delivers records to the tracking server (or store) at ``tracking_uri``, one MLflow call per record.
 
@@ -265,6 +275,7 @@ class Sender:
         try:
             self._call(record)
         except Exception as error:
+            _redact_error(error)
             if self._store is not None and failure_kind(error) == "too slow":
                 self._store.timeout = min(self._store.timeout * 2, self.request_timeout * self.TIMEOUT_GROWTH)
             raise
