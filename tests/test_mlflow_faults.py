@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from fault_proxy import FaultProxy
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 from mlflow_server import MlflowServer
 from support import TinyRegression, make_trainer, metric_history, regression_data
 
@@ -31,6 +32,7 @@ from lightning_optloss import MLFlowLogger, OptimizeLoss
 from lightning_optloss.mlflow import delivery as delivery_module
 from lightning_optloss.mlflow import logger as logger_module
 from lightning_optloss.mlflow import replay as mlflow_replay
+from lightning_optloss.mlflow.records import batch_record
 
 PASSWORD = "pa55-W0rd-h11"
 
@@ -352,36 +354,62 @@ def test_a_backlog_of_wide_records_stays_under_max_queue_bytes_and_drains_in_mer
 KILLED_WRITER = """
 import os, signal, sys
 from lightning_optloss import MLFlowLogger
-logger = MLFlowLogger(tracking_uri=sys.argv[1], run_id=sys.argv[2], spill_dir=sys.argv[3], durable=True,
-                      request_timeout=0.5)
+logger = MLFlowLogger(tracking_uri=sys.argv[1], run_id=sys.argv[2], spill_dir=sys.argv[3], durable=True)
+logger.experiment  # the run is found while the server answers, as at the start of a resumed fit
+print("ready", flush=True)
+sys.stdin.readline()  # the test takes the server away
 for step in range(30):
     logger.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
 os.kill(os.getpid(), signal.SIGKILL)  # an OOM kill: no finalize, no atexit
 """
 
 
-def test_a_killed_durable_run_is_delivered_by_the_next_start_in_the_same_folder(server, proxy, tmp_path, recwarn):
-    client = MlflowClient(server.uri)
-    run_id = client.create_run(client.create_experiment(f"killed-{uuid.uuid4().hex[:8]}")).info.run_id
-    spill_dir = tmp_path / "spill"
+def other_runs_leftover(spill_dir: Path) -> Path:
     other = spill_dir / "mlflow-0123456789abcdef0123456789abcdef-20260101-000000.jsonl"
-    other.parent.mkdir(parents=True)
+    other.parent.mkdir(parents=True, exist_ok=True)
     other.write_text(json.dumps({"type": "status", "run_id": "0" * 32, "status": "FINISHED", "end_time": 1}) + "\n")
-    proxy.mode = "down"
-    writer = subprocess.run(
-        [sys.executable, "-c", KILLED_WRITER, proxy.uri(), run_id, str(spill_dir)], capture_output=True, timeout=300
-    )
-    assert writer.returncode == -9, writer.stderr.decode()[-2000:]
-    (left,) = [path for path in spill_dir.glob("mlflow-*.jsonl") if path != other]
-    assert len(left.read_text().splitlines()) == 30  # every record that log_metrics returned is on disk
+    return other
 
-    proxy.mode = "pass"
+
+def assert_leftovers_delivered(server, proxy, spill_dir, run_id, left, other, recwarn, steps):  # type: ignore[no-untyped-def]
     resumed = new_logger(proxy.uri(), spill_dir, run_id=run_id)
-    resumed.log_metrics({"loss": 0.01}, step=30)
+    resumed.log_metrics({"loss": 0.01}, step=steps)
     resumed.finalize("success")
-    assert stored_steps(server, run_id, "loss") == list(range(31))
+    assert stored_steps(server, run_id, "loss") == list(range(steps + 1))
     (same,) = warned(recwarn.list, "spill file(s) of this run")
     assert left.name in same and "delivered first" in same
     (others,) = warned(recwarn.list, "of other runs")
     assert other.name in others and "lightning_optloss.mlflow_replay" in others
     assert not left.exists() and other.exists()
+
+
+def test_the_next_start_in_the_same_folder_delivers_what_a_killed_run_left(server, proxy, tmp_path, recwarn):
+    """What a SIGKILL in durable mode leaves (records appended, the last line cut), delivered by the next start."""
+    client = MlflowClient(server.uri)
+    run_id = client.create_run(client.create_experiment(f"left-{uuid.uuid4().hex[:8]}")).info.run_id
+    spill_dir = tmp_path / "spill"
+    other = other_runs_leftover(spill_dir)
+    left = spill_dir / f"mlflow-{run_id}-20260101-000001.jsonl"
+    timestamp = int(time.time() * 1000)
+    lines = [json.dumps(batch_record(run_id, [Metric("loss", 1.0 / (s + 1), timestamp, s)])) for s in range(10)]
+    left.write_text("\n".join(lines) + "\n" + lines[0][:20])  # killed in the middle of a write
+    assert_leftovers_delivered(server, proxy, spill_dir, run_id, left, other, recwarn, 10)
+
+
+@pytest.mark.slow
+def test_a_killed_durable_run_is_delivered_by_the_next_start_in_the_same_folder(server, proxy, tmp_path, recwarn):
+    client = MlflowClient(server.uri)
+    run_id = client.create_run(client.create_experiment(f"killed-{uuid.uuid4().hex[:8]}")).info.run_id
+    spill_dir = tmp_path / "spill"
+    other = other_runs_leftover(spill_dir)
+    command = [sys.executable, "-c", KILLED_WRITER, proxy.uri(), run_id, str(spill_dir)]
+    writer = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "ready", writer.stderr.read()[-2000:]
+    proxy.mode = "down"
+    writer.stdin.write("go\n")
+    writer.stdin.flush()
+    assert writer.wait(timeout=300) == -9, writer.stderr.read()[-2000:]
+    (left,) = [path for path in spill_dir.glob("mlflow-*.jsonl") if path != other]
+    assert len(left.read_text().splitlines()) == 30  # every record that log_metrics returned is on disk
+    proxy.mode = "pass"
+    assert_leftovers_delivered(server, proxy, spill_dir, run_id, left, other, recwarn, 30)

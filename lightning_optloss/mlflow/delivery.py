@@ -96,8 +96,13 @@ class DiskFaults:
 
 
 def make_private_folder(folder: Path) -> None:
-    """``folder`` and its missing parents, created with mode 0700 (an existing folder is left as it is)."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """``folder`` and its missing parents, each created with mode 0700 (existing folders are left as they are)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir(mode=0o700, exist_ok=True)
 
 
 def open_private(path: Path, flags: int) -> int:
@@ -461,7 +466,6 @@ class Delivery:
             with self._cond:
                 if generation != self._generation:
                     return
-                self.sends += 1
                 if error is None:
                     self._delivered()
                 elif self._is_permanent(error):
@@ -511,6 +515,7 @@ class Delivery:
         if self._failures:
             log.info("%s: delivering again after %d failed attempts", self._name, self._failures)
         self.delivered += len(self._in_flight)
+        self.sends += 1
         self._in_flight = []
         self._spill.clear_if_read()
         self._sending = None

@@ -257,8 +257,8 @@ class MLFlowLogger(StockMLFlowLogger):
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counts since the first record: ``delivered`` records, ``calls`` made to MLflow (merged records make
-        fewer calls than records), ``spilled`` to disk, ``dropped`` (a disk fault), ``rejected`` by the server,
+        """Counts since the first record: ``delivered`` records, ``calls`` to MLflow that succeeded (merged records
+        make fewer calls than records), ``spilled`` to disk, ``dropped`` (a disk fault), ``rejected`` by the server,
         and ``queued_bytes`` waiting in memory (their JSON size)."""
         delivery = self._delivery
         if delivery is None:

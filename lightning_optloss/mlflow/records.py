@@ -202,8 +202,8 @@ def failure_kind(error: BaseException) -> str:
         if isinstance(chain, (requests.exceptions.Timeout, TimeoutError)):
             return "too slow"
         chain = chain.__cause__ or chain.__context__
-    if isinstance(error, MlflowException) and "API request to" not in error.message:
-        return f"answered {error.get_http_status_code()}"
+    if isinstance(error, MlflowException) and "failed with exception" not in error.message:
+        return f"answered {error.get_http_status_code()}"  # MLflow wraps connection errors in "failed with exception"
     return "unreachable"
 
 
