@@ -24,8 +24,9 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_optloss import callback_arguments as arguments
+from lightning_optloss import checkpoint_state
 from lightning_optloss.callback_arguments import OWNER as _OWNER
-from lightning_optloss.common import tags, transfers, validation
+from lightning_optloss.common import pickling, tags, transfers, validation
 from lightning_optloss.common.parameters import ModuleParameters, NamedParameter, ParameterKey
 from lightning_optloss.distributed import strategies
 from lightning_optloss.gradients.noise import GradientNoise
@@ -184,10 +185,10 @@ class OptimizeLoss(Callback):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         del state["_fit"]
-        return state
+        return pickling.checked_state(_OWNER, state, ("clip_gradients", "update_ops", "gradient_noise_scale"))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update(pickling.unwrapped_state(state))
         self._fit = _FitState(self.seed)
 
     @property
@@ -446,7 +447,13 @@ class OptimizeLoss(Callback):
         clip_state = self._clip.state_dict() if self._clip is not None else {}
         if clip_state:
             state["clip_gradients"] = clip_state
+            state["clip_kind"] = checkpoint_state.clip_kind(self.clip_gradients)
         return state
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint_state.warn_if_missing(_OWNER, self.state_key, checkpoint)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._fit.loaded_world_size = state_dict.get("world_size")
@@ -455,5 +462,4 @@ class OptimizeLoss(Callback):
             self._fit.seed = int(state_dict["seed"])
             if self._fit.pipeline is not None and self._fit.pipeline.noise is not None:
                 self._fit.pipeline.noise.seed = self._fit.seed
-        if "clip_gradients" in state_dict and self._clip is not None:
-            self._clip.load_state_dict(state_dict["clip_gradients"])
+        checkpoint_state.restore_clip(_OWNER, self.clip_gradients, state_dict)

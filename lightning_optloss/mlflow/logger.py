@@ -5,7 +5,8 @@ Lightning's stock logger calls the server on the training thread, once per logge
 unreachable that call blocks for MLflow's whole retry policy (minutes) and then raises, which stops the run.
 This subclass has the same constructor and the same behaviour otherwise, but queues every call that reaches the
 server once the run exists (metrics, hyperparameters, tags, checkpoint artifacts, the final status) and sends
-them from a worker thread (:mod:`lightning_optloss.mlflow.delivery`), in order, one MLflow call per record. The record
+them from a worker thread (:mod:`lightning_optloss.mlflow.delivery`), in order, merging consecutive records into
+as few ``log_batch`` calls as MLflow's per-call limits allow. The record
 format of the spill files is described in :mod:`lightning_optloss.mlflow.records`.
 """
 
@@ -19,7 +20,6 @@ import posixpath
 import shlex
 import shutil
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -38,8 +38,10 @@ from mlflow.entities import Metric, Param, RunTag
 from typing_extensions import override
 
 from lightning_optloss.common import validation
+from lightning_optloss.common.redaction import redact
+from lightning_optloss.mlflow import outbox
 from lightning_optloss.mlflow import records as mlflow_records
-from lightning_optloss.mlflow.delivery import Delivery, Record
+from lightning_optloss.mlflow.delivery import Delivery, Record, make_private_folder
 
 _OWNER = "MLFlowLogger"
 _STOCK_WARNING = (
@@ -83,26 +85,43 @@ class MLFlowLogger(StockMLFlowLogger):
     error at the start, not an outage. Calls made directly on :attr:`experiment` are MLflow's, synchronous.
 
     **Outages.** A failed send is retried with exponential backoff (0.5 s doubling to 15 s); the records behind
-    it wait, in order; one warning says so. When more than ``max_queue`` records wait, the oldest go to the spill
-    file (``<spill_dir>/mlflow-<run id>-<time>.jsonl``), from which they are delivered first once the server
-    answers again. ``finalize`` (end of fit, and on exceptions: Lightning calls ``finalize("failed")``) flushes
-    for at most ``flush_timeout`` seconds, then leaves what is undelivered in the spill file, the status last,
-    and warns with the command that delivers it later::
+    it wait, in order; one warning per kind of failure says so, telling "cannot reach" from "answered 5xx/429"
+    from "too slow" (a request that times out makes the next ones wait up to 8 times ``request_timeout``). A
+    backlog drains in merged calls (1000 metrics, 100 params and tags per ``log_batch``). When more than
+    ``max_queue`` records or ``max_queue_bytes`` bytes wait, the oldest go to the spill file
+    (``<spill_dir>/mlflow-<run id>-<time>.jsonl``), from which they are delivered first once the server answers
+    again. ``finalize`` (end of fit, and on exceptions: Lightning calls ``finalize("failed")``) flushes for at
+    most ``flush_timeout`` seconds, then leaves what is undelivered in the spill file, the status last, and
+    warns with the command that delivers it later (never raising)::
 
         python -m lightning_optloss.mlflow_replay FILE --tracking-uri URI
 
     Records the server refuses (an invalid or changed param, a deleted run) are not retried: they go to
-    ``mlflow-<run id>-<time>.rejected.jsonl`` with the error, with a warning. Artifact files are hard-linked into
-    ``mlflow-<run id>-<time>.artifacts/`` when queued (so that ModelCheckpoint may delete or overwrite a checkpoint
-    before its upload), or copied when they are temporary files on another file system; otherwise the record
-    keeps the original path. Only rank 0 logs, so the worker thread only exists there.
+    ``mlflow-<run id>-<time>.rejected.jsonl`` with the error, with a warning. Artifact files are hard-linked (or
+    copied) into ``mlflow-<run id>-<time>.artifacts/`` when queued, so that ModelCheckpoint may delete or
+    overwrite a checkpoint before its upload; replay uploads from that folder only. Only rank 0 logs, so the
+    worker thread only exists there.
+
+    **Disk faults.** A write to the spill folder that fails (full, read-only, not writable, I/O error) never
+    reaches training: records stay in memory up to twice the bounds, then the newest are dropped; an artifact
+    that cannot be staged is uploaded directly (three tries); one warning names the disk as the cause, and one
+    at the end counts what was dropped and its steps. **Leftovers**: at the first record, spill files of the
+    same run in ``spill_dir`` (a resumed run) are delivered first; those of other runs get one warning with
+    the replay command. **Security**: spill files are created 0600 and folders 0700; credentials in the
+    tracking URI (``user:password@``, token query parameters) are replaced by ``***`` in every warning, log,
+    replay command, spill file, param and tag. See ``docs/mlflow-outages.md``.
 
     Args:
         max_queue: Records kept in memory before the oldest are moved to the spill file. Default 1000.
+        max_queue_bytes: Bytes (of the records' JSON) kept in memory before the oldest are moved to the spill
+            file. Default 256 MiB; None: no bound by size. Queued records are held as their JSON lines.
         flush_timeout: Seconds ``finalize`` waits for the queue to be delivered. Default 30.
         spill_dir: Folder of the spill file and the staged artifacts. Default None: the working directory at the
             first logged record.
         request_timeout: Seconds one HTTP request to the tracking server may take. Default 10.
+        durable: Append every record to the spill file before ``log_metrics`` returns (fsync at most every
+            100 ms), so that a killed process (SIGKILL, OOM) loses nothing it logged, and a machine crash at most
+            the last 100 ms. Default False: records wait in memory, lost if the process is killed.
 
     ``synchronous`` is accepted and has no effect: records are always sent off the training thread, and
     synchronously by the worker (MLflow's asynchronous logging drops a batch that fails, instead of retrying it).
@@ -126,17 +145,27 @@ class MLFlowLogger(StockMLFlowLogger):
         synchronous: bool | None = None,
         *,
         max_queue: int = 1000,
+        max_queue_bytes: int | None = 256 * 2**20,
         flush_timeout: float = 30.0,
         spill_dir: str | os.PathLike[str] | None = None,
         request_timeout: float = 10.0,
+        durable: bool = False,
     ) -> None:
         if synchronous is not None and not isinstance(synchronous, bool):
             raise validation.invalid(_OWNER, "synchronous", "None, True or False", synchronous)
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
             raise validation.invalid(_OWNER, "max_queue", "an integer >= 1", max_queue)
+        if max_queue_bytes is not None and (
+            isinstance(max_queue_bytes, bool) or not isinstance(max_queue_bytes, int) or max_queue_bytes < 1
+        ):
+            raise validation.invalid(_OWNER, "max_queue_bytes", "None or an integer >= 1 (bytes)", max_queue_bytes)
         if spill_dir is not None and not isinstance(spill_dir, (str, os.PathLike)):
             raise validation.invalid(_OWNER, "spill_dir", "None or a folder path", spill_dir)
+        if not isinstance(durable, bool):
+            raise validation.invalid(_OWNER, "durable", "True or False", durable)
         self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
+        self.durable = durable
         self.flush_timeout = validation.real(_OWNER, "flush_timeout", flush_timeout, minimum=0.0)
         self.spill_dir = None if spill_dir is None else Path(spill_dir)
         self.request_timeout = validation.real(_OWNER, "request_timeout", request_timeout, minimum=0.0, strictly=True)
@@ -155,10 +184,11 @@ class MLFlowLogger(StockMLFlowLogger):
         self._warned: set[str] = set()
         self._local = threading.local()
         self._queueing_client = _QueueingClient(self)
+        self._dropped = outbox.DropTally()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("_delivery", "_sender", "_staging", "_staged", "_warned", "_local", "_queueing_client"):
+        for key in ("_delivery", "_sender", "_staging", "_staged", "_warned", "_local", "_queueing_client", "_dropped"):
             del state[key]
         return state
 
@@ -226,6 +256,23 @@ class MLFlowLogger(StockMLFlowLogger):
         self._close()
 
     @property
+    def stats(self) -> dict[str, int]:
+        """Counts since the first record: ``delivered`` records, ``calls`` to MLflow that succeeded (merged records
+        make fewer calls than records), ``spilled`` to disk, ``dropped`` (a disk fault), ``rejected`` by the server,
+        and ``queued_bytes`` waiting in memory (their JSON size)."""
+        delivery = self._delivery
+        if delivery is None:
+            return dict.fromkeys(("delivered", "calls", "spilled", "dropped", "rejected", "queued_bytes"), 0)
+        return {
+            "delivered": delivery.delivered,
+            "calls": delivery.sends,
+            "spilled": delivery.spilled,
+            "dropped": delivery.disk.dropped,
+            "rejected": delivery.rejected,
+            "queued_bytes": delivery.memory_bytes,
+        }
+
+    @property
     def pending(self) -> int:
         """Records queued and not delivered yet (in memory or in the spill file)."""
         return 0 if self._delivery is None else self._delivery.pending
@@ -240,25 +287,34 @@ class MLFlowLogger(StockMLFlowLogger):
 
     def _new_delivery(self, run_id: str) -> Delivery:
         folder = (self.spill_dir or Path.cwd()).resolve()
-        spill_path = folder / f"mlflow-{run_id}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+        leftovers = outbox.Leftovers.find(folder, run_id)
+        spill_path = leftovers.spill_path or folder / f"mlflow-{run_id}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
         self._staging = spill_path.with_suffix(".artifacts")
         self._sender = mlflow_records.Sender(self._tracking_uri, self.request_timeout)
         atexit.register(self._close)
-        return Delivery(
+        delivery = Delivery(
             self._send,
             spill_path,
             max_queue=self.max_queue,
+            max_queue_bytes=self.max_queue_bytes,
             is_permanent=mlflow_records.is_permanent,
+            merge=mlflow_records.merged,
+            durable=self.durable,
             name=f"mlflow-delivery-{run_id[:8]}",
         )
+        delivery.disk.on_drop = self._dropped.add
+        for record in leftovers.later_records():
+            delivery.put(record)
+        leftovers.remove_later_files()
+        for message in leftovers.messages(self._tracking_uri):
+            warnings.warn(f"{_OWNER}: {message}", RuntimeWarning, stacklevel=4)
+        return delivery
 
     def _send(self, record: Record) -> None:
         """Deliver one record (on the worker thread); a staged artifact file is removed once uploaded."""
         self._sender(record)
-        staged = Path(record["local_path"]) if record["type"] == "artifact" else None
-        if staged is not None and self._staging is not None and self._staging in staged.parents:
-            staged.unlink(missing_ok=True)
-            staged.parent.rmdir()
+        if record["type"] == "artifact":
+            outbox.remove_staged(Path(record["local_path"]))
 
     def _close(self) -> None:
         delivery = self._delivery
@@ -267,69 +323,126 @@ class MLFlowLogger(StockMLFlowLogger):
         report = delivery.close(self.flush_timeout)
         self._warn_about_delivery()
         if self._staging is not None and self._staging.is_dir() and not any(self._staging.iterdir()):
-            self._staging.rmdir()
+            with contextlib.suppress(OSError):
+                self._staging.rmdir()
         if report.spill_path is not None:
-            held = mlflow_records.summary(mlflow_records.read_records(report.spill_path))
+            held = "the file cannot be read back"
+            with contextlib.suppress(OSError):
+                held = mlflow_records.summary(mlflow_records.read_records(report.spill_path).records)
             warnings.warn(
-                f"{_OWNER}: {report.undelivered} records ({held}) could not be delivered to {self._tracking_uri} "
-                f"within flush_timeout={self.flush_timeout:g} s; they are in {report.spill_path}. Deliver them "
-                f"with: {replay_command(report.spill_path, self._tracking_uri)}",
+                f"{_OWNER}: {report.undelivered} records ({held}) could not be delivered to "
+                f"{redact(self._tracking_uri)} within flush_timeout={self.flush_timeout:g} s; they are in "
+                f"{report.spill_path}. Deliver them with: {replay_command(report.spill_path, self._tracking_uri)}",
                 RuntimeWarning,
                 stacklevel=2,
             )
+        if delivery.disk.dropped:
+            warnings.warn(f"{_OWNER}: {outbox.dropped_message(delivery, self._dropped)}", RuntimeWarning, stacklevel=2)
 
     def _warn_about_delivery(self) -> None:
         delivery = self._delivery
         assert delivery is not None
-        if delivery.outages and "outage" not in self._warned:
-            self._warned.add("outage")
+        kind = mlflow_records.failure_kind(delivery.last_error) if delivery.last_error is not None else ""
+        if delivery.outages and f"outage {kind}" not in self._warned:
+            self._warned.add(f"outage {kind}")
+            assert self._sender is not None
             warnings.warn(
-                f"{_OWNER}: cannot reach the MLflow server at {self._tracking_uri} ({_brief(delivery.last_error)}). "
-                f"Training goes on; records are kept in order and sent again with backoff (up to "
-                f"{delivery.backoff.maximum:g} s apart), in memory up to max_queue={self.max_queue}, then in "
+                f"{_OWNER}: {_describe(kind, self._sender)} ({_brief(delivery.last_error)}). Training goes on; "
+                f"records are kept in order and sent again with backoff (up to {delivery.backoff.maximum:g} s "
+                f"apart), in memory up to max_queue={self.max_queue} records or max_queue_bytes="
+                f"{self.max_queue_bytes} bytes, then in "
                 f"{delivery.spill_path}. What is still undelivered when fit ends (after flush_timeout="
                 f"{self.flush_timeout:g} s) stays in that file for: "
                 f"{replay_command(delivery.spill_path, self._tracking_uri)}",
                 RuntimeWarning,
                 stacklevel=2,
             )
+        if delivery.disk.error is not None and "disk" not in self._warned:
+            self._warned.add("disk")
+            warnings.warn(f"{_OWNER}: {outbox.disk_message(delivery)}", RuntimeWarning, stacklevel=2)
         if delivery.rejected and "rejected" not in self._warned:
             self._warned.add("rejected")
             warnings.warn(
-                f"{_OWNER}: the MLflow server at {self._tracking_uri} refused a record "
+                f"{_OWNER}: the MLflow server at {redact(self._tracking_uri)} refused a record "
                 f"({_brief(delivery.last_rejection)}); it is not sent again and is kept, with the error, in "
                 f"{delivery.rejected_path}, as are any later refused records.",
                 RuntimeWarning,
                 stacklevel=2,
             )
 
-    def _stage(self, local_path: str) -> str:
-        """A path to upload ``local_path`` from that survives the original's removal, when one is cheap to make."""
-        assert self._staging is not None
+    def _stage(self, local_path: str) -> str | None:
+        """A copy of ``local_path`` in the spill file's ``.artifacts/`` folder, that survives the original's
+        removal and that a replay accepts: a hard link, else a copy. None when the disk refuses both."""
+        assert self._staging is not None and self._delivery is not None
         source = Path(local_path).resolve()
         folder = self._staging / str(next(self._staged))
-        folder.mkdir(parents=True)
         target = folder / source.name
-        with contextlib.suppress(OSError):
-            os.link(source, target)
-            return str(target)
-        if source.is_relative_to(Path(tempfile.gettempdir()).resolve()):
-            shutil.copy2(source, target)
-            return str(target)
-        folder.rmdir()
-        return str(source)
+        try:
+            make_private_folder(folder)
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copy2(source, target)
+        except OSError as error:
+            self._delivery.disk.failed_writes += 1
+            self._delivery.disk.error = error
+            with contextlib.suppress(OSError):
+                target.unlink(missing_ok=True)
+                folder.rmdir()
+            return None
+        return str(target)
+
+    def _upload_now(self, record: Record, attempts: int = 3) -> None:
+        """Upload an artifact that could not be staged, on this thread: its file may be gone after the call.
+
+        At most ``attempts`` tries (each within the request timeout, which grows after a timeout); then it is
+        counted as dropped, with a warning.
+        """
+        assert self._sender is not None and self._delivery is not None
+        for attempt in range(attempts):
+            try:
+                self._sender(record)
+                return
+            except Exception as error:
+                if attempt + 1 < attempts and not mlflow_records.is_permanent(error):
+                    continue
+                self._delivery.disk.drop(record)
+                warnings.warn(
+                    f"{_OWNER}: could not stage {record['local_path']} on disk "
+                    f"({_brief(self._delivery.disk.error)}) nor upload it directly ({_brief(error)}); it is not in "
+                    "the run.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                return
 
 
-def replay_command(spill_path: Path, tracking_uri: str) -> str:
-    """The shell command that delivers the records of ``spill_path`` to ``tracking_uri``."""
-    return shlex.join(
-        [sys.executable, "-m", "lightning_optloss.mlflow_replay", str(spill_path), "--tracking-uri", tracking_uri]
-    )
+def replay_command(spill_path: Path | Sequence[Path], tracking_uri: str) -> str:
+    """The shell command that delivers the records of ``spill_path`` (one or several) to ``tracking_uri``.
+
+    A password in the URI is shown as ``***`` (put it back, or give it in ``MLFLOW_TRACKING_PASSWORD``).
+    """
+    paths = [str(spill_path)] if isinstance(spill_path, Path) else [str(path) for path in spill_path]
+    command = [sys.executable, "-m", "lightning_optloss.mlflow_replay", *paths, "--tracking-uri", redact(tracking_uri)]
+    return shlex.join(command)
 
 
 def _brief(error: BaseException | None, limit: int = 300) -> str:
-    text = f"{type(error).__name__}: {error}"
+    text = redact(f"{type(error).__name__}: {error}")
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe(kind: str, sender: mlflow_records.Sender) -> str:
+    """The start of the outage warning: which of "unreachable", "answered 5xx/429" and "too slow" it is."""
+    server = f"the MLflow server at {redact(sender.tracking_uri)}"
+    if kind == "too slow":
+        return (
+            f"{server} is too slow: no answer within {sender.timeout:g} s (the request timeout doubles after each "
+            f"timeout, up to {sender.request_timeout * sender.TIMEOUT_GROWTH:g} s)"
+        )
+    if kind.startswith("answered"):
+        return f"{server} {kind} (reachable, but failing)"
+    return f"cannot reach {server}"
 
 
 def warn_if_stock_mlflow_logger(loggers: Iterable[Logger]) -> None:
@@ -356,7 +469,16 @@ class _QueueingClient:
             self._logger._put(mlflow_records.batch_record(run_id, metrics, params, tags))
 
     def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
-        self._logger._put(mlflow_records.artifact_record(run_id, self._logger._stage(local_path), artifact_path))
+        logger = self._logger
+        if logger._delivery is None:
+            logger._delivery = logger._new_delivery(run_id)
+        staged = logger._stage(local_path)
+        record = mlflow_records.artifact_record(run_id, staged or str(Path(local_path).resolve()), artifact_path)
+        if staged is None:
+            logger._upload_now(record)
+            logger._warn_about_delivery()
+        else:
+            logger._put(record)
 
     def log_artifacts(self, run_id: str, local_dir: str, artifact_path: str | None = None) -> None:
         root = Path(local_dir)

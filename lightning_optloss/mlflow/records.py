@@ -32,21 +32,25 @@ again, tags and artifacts are overwritten, and the status is set again.
 
 from __future__ import annotations
 
-import functools
 import json
+import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+import requests
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.store.tracking.rest_store import RestStore
-from mlflow.tracking._tracking_service.client import TrackingServiceClient
-from mlflow.utils.credentials import get_default_host_creds
-from mlflow.utils.proto_json_utils import parse_dict
-from mlflow.utils.rest_utils import http_request, verify_rest_response
 
+from lightning_optloss.common.redaction import redact
+from lightning_optloss.mlflow._private import SingleTryRestStore, SingleTryTrackingClient, TrackingServiceClient
 from lightning_optloss.mlflow.delivery import Record
+
+try:  # MLflow's per-call limits of log_batch, so a future MLflow that raises them is followed
+    from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
+except ImportError:  # pragma: no cover - the values of MLflow 3.17
+    MAX_METRICS_PER_BATCH = 1000
+    MAX_PARAMS_TAGS_PER_BATCH = 100
 
 RECORD_TYPES = ("batch", "artifact", "status")
 
@@ -61,8 +65,8 @@ def batch_record(
         "metrics": [
             {"key": m.key, "value": float(m.value), "timestamp": int(m.timestamp), "step": int(m.step)} for m in metrics
         ],
-        "params": [{"key": p.key, "value": str(p.value)} for p in params],
-        "tags": [{"key": t.key, "value": str(t.value)} for t in tags],
+        "params": [{"key": p.key, "value": redact(str(p.value))} for p in params],
+        "tags": [{"key": t.key, "value": redact(str(t.value))} for t in tags],
     }
 
 
@@ -75,33 +79,132 @@ def status_record(run_id: str, status: str, end_time: int) -> Record:
     return {"type": "status", "run_id": run_id, "status": status, "end_time": end_time}
 
 
-def read_records(path: Path) -> list[Record]:
-    """The records of a jsonl file; a ``ValueError`` naming the line when one is not a record."""
-    records = []
-    with open(path, encoding="utf-8") as file:
+@dataclass
+class RecordFile:
+    """What :func:`read_records` found in a jsonl file: the records, and each line it skipped (number, why)."""
+
+    records: list[Record] = field(default_factory=list)
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+
+
+def read_records(path: Path) -> RecordFile:
+    """The records of a jsonl file, skipping (and listing by line number) each line that is not a record.
+
+    A line is skipped when it is not UTF-8 JSON (a crash leaves a half-written last line) or not a well-formed
+    record (:func:`malformation`). ``OSError`` when the file cannot be read at all.
+    """
+    found = RecordFile()
+    with open(path, "rb") as file:
         for number, line in enumerate(file, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not a JSON object ({error})") from error
-            if not isinstance(record, dict) or record.get("type") not in RECORD_TYPES or "run_id" not in record:
-                raise ValueError(
-                    f"{path}:{number}: not a record (a JSON object with a run_id and a type in {RECORD_TYPES})"
-                )
-            records.append(record)
-    return records
+                record = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                found.skipped.append((number, f"not a JSON object ({error})"))
+                continue
+            problem = malformation(record)
+            if problem is not None:
+                found.skipped.append((number, problem))
+                continue
+            found.records.append(record)
+    return found
+
+
+def spill_files(folder: Path) -> list[Path]:
+    """The spill files in ``folder`` (``mlflow-*.jsonl``, without the rejected ones), oldest first."""
+    found = [path for path in folder.glob("mlflow-*.jsonl") if not path.name.endswith(".rejected.jsonl")]
+    return sorted(found, key=lambda path: (path.stat().st_mtime, path.name))
+
+
+def malformation(record: object) -> str | None:
+    """Why ``record`` is not a record that :class:`Sender` can send (None when it is one)."""
+    if not isinstance(record, dict) or record.get("type") not in RECORD_TYPES:
+        return f"not a record (a JSON object with a type in {RECORD_TYPES})"
+    if not isinstance(record.get("run_id"), str) or not record["run_id"]:
+        return f"a {record['type']} record without a run_id"
+    if record["type"] == "batch":
+        for part, fields in (("metrics", ("key", "value", "timestamp", "step")), ("params", ("key", "value"))):
+            entries = record.get(part)
+            if not isinstance(entries, list) or not all(isinstance(e, dict) and set(fields) <= set(e) for e in entries):
+                return f"a batch record whose {part} are not a list of objects with {', '.join(fields)}"
+        if not isinstance(record.get("tags"), list):
+            return "a batch record whose tags are not a list"
+    elif record["type"] == "artifact" and not isinstance(record.get("local_path"), str):
+        return "an artifact record without a local_path"
+    elif record["type"] == "status" and not (
+        isinstance(record.get("status"), str) and isinstance(record.get("end_time"), int)
+    ):
+        return "a status record without a status and an end_time"
+    return None
+
+
+def outside_staging(record: Record, spill_path: Path) -> str | None:
+    """For an artifact record read from ``spill_path``: its file when that is not under the spill file's own
+    ``<name>.artifacts/`` folder (replay refuses to upload it), else None."""
+    if record["type"] != "artifact":
+        return None
+    staging = spill_path.resolve().with_suffix(".artifacts")
+    local = Path(record["local_path"])
+    if local.is_absolute() and staging in Path(os.path.normpath(local)).parents and not local.is_symlink():
+        return None
+    return record["local_path"]
+
+
+def merged(first: Record, second: Record) -> Record | None:
+    """One ``log_batch`` record doing what ``first`` then ``second`` do, or None when one call cannot.
+
+    Only batch records of the same run merge, within MLflow's per-call limits (:data:`MAX_METRICS_PER_BATCH`
+    metrics, :data:`MAX_PARAMS_TAGS_PER_BATCH` params plus tags). A param or tag key set by both stays two
+    calls (MLflow refuses a batch that sets a param twice; the second value of a tag must win). Metrics keep
+    their own step and timestamp, so the order of the points is kept.
+    """
+    if first["type"] != "batch" or second["type"] != "batch" or first["run_id"] != second["run_id"]:
+        return None
+    if len(first["metrics"]) + len(second["metrics"]) > MAX_METRICS_PER_BATCH:
+        return None
+    settings = len(first["params"]) + len(first["tags"]) + len(second["params"]) + len(second["tags"])
+    if settings > MAX_PARAMS_TAGS_PER_BATCH:
+        return None
+    if second["params"] or second["tags"]:
+        keys = {("p", p["key"]) for p in first["params"]} | {("t", t["key"]) for t in first["tags"]}
+        if keys & ({("p", p["key"]) for p in second["params"]} | {("t", t["key"]) for t in second["tags"]}):
+            return None
+    return {
+        "type": "batch",
+        "run_id": first["run_id"],
+        "metrics": first["metrics"] + second["metrics"],
+        "params": first["params"] + second["params"],
+        "tags": first["tags"] + second["tags"],
+    }
+
+
+class MalformedRecordError(ValueError):
+    """A record that is not one :class:`Sender` can send (see :func:`malformation`): refused, never retried."""
 
 
 def is_permanent(error: BaseException) -> bool:
-    """Whether retrying cannot help: MLflow refused the record (a 4xx other than 408/429) or its file is gone."""
-    if isinstance(error, FileNotFoundError):
+    """Whether retrying cannot help: MLflow refused the record (a 4xx other than 408/429), the record is
+    malformed, or its file is gone."""
+    if isinstance(error, (FileNotFoundError, MalformedRecordError)):
         return True
     if isinstance(error, MlflowException):
         status = error.get_http_status_code()
         return 400 <= status < 500 and status not in (408, 429)
     return False
+
+
+def failure_kind(error: BaseException) -> str:
+    """What a failed send says of the server, in words: ``"too slow"`` (no answer within the request timeout),
+    ``"answered 503"`` (a 5xx or 429 answer), or ``"unreachable"`` (no connection, or anything else)."""
+    chain: BaseException | None = error
+    while chain is not None:
+        if isinstance(chain, (requests.exceptions.Timeout, TimeoutError)):
+            return "too slow"
+        chain = chain.__cause__ or chain.__context__
+    if isinstance(error, MlflowException) and "failed with exception" not in error.message:
+        return f"answered {error.get_http_status_code()}"  # MLflow wraps connection errors in "failed with exception"
+    return "unreachable"
 
 
 def summary(records: Iterable[Record]) -> str:
@@ -126,22 +229,63 @@ def summary(records: Iterable[Record]) -> str:
     return ", ".join(parts) or "nothing"
 
 
+def _redact_error(error: BaseException) -> None:
+    """Remove credentials from the messages of ``error`` and its causes (MLflow quotes the URL it called)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        seen.args = tuple(redact(arg) if isinstance(arg, str) else arg for arg in seen.args)
+        if isinstance(getattr(seen, "message", None), str):
+            seen.message = redact(seen.message)  # type: ignore[attr-defined]
+        seen = seen.__cause__ or seen.__context__
+
+
 class Sender:
     """Delivers records to the tracking server (or store) at ``tracking_uri``, one MLflow call per record.
+
+    A request that times out makes the next ones wait longer: the timeout doubles after each timeout, up to
+    ``TIMEOUT_GROWTH`` times ``request_timeout``, and is back to ``request_timeout`` after a success, so a
+    server slower than ``request_timeout`` is not sent the same record at the same timeout forever.
 
     Args:
         tracking_uri: Where the run lives, e.g. ``http://127.0.0.1:5000`` or ``sqlite:///mlflow.db``.
         request_timeout: Seconds one HTTP request may take (``http(s)://`` URIs only). Default 10.
     """
 
+    TIMEOUT_GROWTH = 8
+
     def __init__(self, tracking_uri: str, request_timeout: float = 10.0) -> None:
         self.tracking_uri = tracking_uri
+        self.request_timeout = request_timeout
+        self.calls = 0
+        self._store: SingleTryRestStore | None = None
         if tracking_uri.startswith(("http://", "https://")):
-            self._client: TrackingServiceClient = _SingleTryTrackingClient(tracking_uri, request_timeout)
+            client = SingleTryTrackingClient(tracking_uri, request_timeout)
+            self._store = client.store
+            self._client: TrackingServiceClient = client
         else:
             self._client = TrackingServiceClient(tracking_uri)
 
+    @property
+    def timeout(self) -> float:
+        """The request timeout now (seconds): ``request_timeout``, grown after timeouts."""
+        return self._store.timeout if self._store is not None else self.request_timeout
+
     def __call__(self, record: Record) -> None:
+        self.calls += 1
+        try:
+            self._call(record)
+        except Exception as error:
+            _redact_error(error)
+            if self._store is not None and failure_kind(error) == "too slow":
+                self._store.timeout = min(self._store.timeout * 2, self.request_timeout * self.TIMEOUT_GROWTH)
+            raise
+        if self._store is not None:
+            self._store.timeout = self.request_timeout
+
+    def _call(self, record: Record) -> None:
+        problem = malformation(record)
+        if problem is not None:
+            raise MalformedRecordError(problem)
         run_id = record["run_id"]
         kind = record["type"]
         if kind == "batch":
@@ -153,56 +297,6 @@ class Sender:
                 synchronous=True,  # MLflow's async logging would drop the record on failure instead of raising
             )
         elif kind == "artifact":
-            self._client.log_artifact(run_id, record["local_path"], record["artifact_path"])
+            self._client.log_artifact(run_id, record["local_path"], record.get("artifact_path"))
         elif kind == "status":
             self._client.set_terminated(run_id, record["status"], record["end_time"])
-        else:
-            raise ValueError(f"unknown record type {kind!r}; expected one of {RECORD_TYPES}")
-
-
-class _SingleTryRestStore(RestStore):
-    """MLflow's REST store with each request tried once, ``timeout`` seconds at most (MLflow's own
-    ``RestStore._get_server_version`` does the same, noting that the default retry policy takes minutes)."""
-
-    def __init__(self, tracking_uri: str, timeout: float) -> None:
-        super().__init__(functools.partial(get_default_host_creds, tracking_uri))
-        self._timeout = timeout
-
-    def _call_endpoint(
-        self,
-        api: Any,
-        json_body: str | None = None,
-        endpoint: str | None = None,
-        retry_timeout_seconds: float | None = None,
-        response_proto: Any = None,
-    ) -> Any:
-        if api in self._V3_APIS:  # not used to deliver records
-            return super()._call_endpoint(api, json_body, endpoint, retry_timeout_seconds, response_proto)
-        default_endpoint, method = self._METHOD_TO_INFO[api]
-        endpoint = endpoint or default_endpoint
-        body = json.loads(json_body) if json_body is not None else None
-        response = http_request(
-            self.get_host_creds(),
-            endpoint,
-            method,
-            max_retries=0,
-            timeout=self._timeout,
-            **{"params" if method == "GET" else "json": body},
-        )
-        response = verify_rest_response(response, endpoint)
-        response_proto = response_proto or api.Response()
-        if response.status_code != 204:
-            parse_dict(js_dict=json.loads(response.text), message=response_proto)
-        return response_proto
-
-
-class _SingleTryTrackingClient(TrackingServiceClient):
-    """MLflow's tracking client on a :class:`_SingleTryRestStore`."""
-
-    def __init__(self, tracking_uri: str, timeout: float) -> None:
-        self._single_try_store = _SingleTryRestStore(tracking_uri, timeout)
-        super().__init__(tracking_uri)
-
-    @property
-    def store(self) -> RestStore:
-        return self._single_try_store

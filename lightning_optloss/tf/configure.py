@@ -11,7 +11,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from lightning_optloss.common import validation
+from lightning_optloss.common import pickling, validation
 from lightning_optloss.common.parameters import ModuleParameters, ParameterKey
 from lightning_optloss.tf.optimizers import OPTIMIZER_CLS_NAMES
 
@@ -52,6 +52,12 @@ class LearningRateDecay(LRScheduler):
     def get_lr(self) -> list[float]:
         step = self.current_step()
         return [checked_rate(self.decay_fn, base, step) for base in self.base_lrs]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return pickling.checked_state("LearningRateDecay", self.__dict__, ("decay_fn",))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(pickling.unwrapped_state(state))
 
     def state_dict(self) -> dict[str, Any]:
         return {

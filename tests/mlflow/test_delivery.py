@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from lightning_optloss.mlflow import delivery as delivery_module
 from lightning_optloss.mlflow.delivery import Backoff, Delivery, Record
 
 FAST = Backoff(initial=0.02, maximum=0.08)
@@ -178,3 +181,104 @@ def test_close_retries_at_once_instead_of_sleeping_out_the_backoff(tmp_path):
     report = delivery.close(timeout=5.0)
     assert time.monotonic() - started < 1.0
     assert (server.received, report.undelivered) == ([{"n": 0}], 0)
+
+
+class FailingDisk:
+    """Makes the spill file's writes fail with ``OSError(code)`` while ``failing`` (a real file otherwise)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+        self.failing = True
+        original = delivery_module.write_all
+
+        def write_all(descriptor: int, data: bytes) -> None:
+            if self.failing:
+                os.write(descriptor, data[: len(data) // 2])  # a half-written line, as a full disk leaves
+                raise OSError(code, os.strerror(code))
+            original(descriptor, data)
+
+        monkeypatch.setattr(delivery_module, "write_all", write_all)
+
+
+def test_a_failing_spill_disk_keeps_records_in_memory_drops_the_newest_and_never_raises(tmp_path, monkeypatch):
+    FailingDisk(monkeypatch, errno.ENOSPC)
+    server = FlakyServer(down=True)
+    delivery = Delivery(server, tmp_path / "spill.jsonl", max_queue=4, backoff=FAST)
+    for record in records(20):
+        delivery.put(record)
+    delivery.put({"n": "status", "type": "status"})
+    assert delivery.disk.error.errno == errno.ENOSPC and delivery.disk.dropped > 0
+    assert (tmp_path / "spill.jsonl").read_bytes() == b""  # each half-written line was cut off again
+    server.down = False
+    report = delivery.close(timeout=5.0)
+    received = [record["n"] for record in server.received]
+    assert received[-1] == "status"  # never dropped, still last
+    assert received[:-1] == list(range(len(received) - 1))  # the oldest kept, in order; the newest dropped
+    assert len(received) - 1 + delivery.disk.dropped == 20
+    assert (report.undelivered, report.spill_path) == (0, None)
+
+
+def test_close_on_a_read_only_disk_counts_what_it_could_not_write_and_does_not_raise(tmp_path, monkeypatch):
+    disk = FailingDisk(monkeypatch, errno.EROFS)
+    delivery = Delivery(FlakyServer(down=True), tmp_path / "spill.jsonl", backoff=FAST)
+    for record in records(3):
+        delivery.put(record)
+    report = delivery.close(timeout=0.1)
+    assert disk.failing and delivery.disk.dropped == 3 and report.undelivered == 0
+
+
+def test_records_merge_into_one_send_in_order_and_a_refused_merge_is_retried_one_by_one(tmp_path):
+    def merge(first: Record, second: Record) -> Record | None:
+        together = [*first.get("batch", [first["n"]]), second["n"]]
+        return {"n": together[0], "batch": together} if len(together) <= 4 else None
+
+    server = FlakyServer(refuse=lambda record: 5 in record.get("batch", [record["n"]]))
+    delivery = Delivery(server, tmp_path / "spill.jsonl", merge=merge, is_permanent=lambda e: True, backoff=FAST)
+    server.gate = threading.Event()
+    for record in records(10):
+        delivery.put(record)
+    server.gate.set()
+    report = delivery.close(timeout=5.0)
+    sent = [record.get("batch", [record["n"]]) for record in server.received]
+    assert [n for batch in sent for n in batch] == [n for n in range(10) if n != 5]
+    assert max(len(batch) for batch in sent) == 4 and len(sent) < 9
+    assert (report.delivered, report.rejected) == (9, 1)
+    assert [json.loads(line)["n"] for line in report.rejected_path.read_text().splitlines()] == [5]
+
+
+def test_max_queue_bytes_bounds_memory_by_the_records_json_size(tmp_path):
+    server = FlakyServer(down=True)
+    delivery = Delivery(server, tmp_path / "spill.jsonl", max_queue=10_000, max_queue_bytes=2_000, backoff=FAST)
+    for n in range(200):
+        delivery.put({"n": n, "payload": "x" * 80})
+        assert delivery.memory_bytes <= 2_000
+    assert delivery.spilled > 150
+    server.down = False
+    delivery.close(timeout=5.0)
+    assert [record["n"] for record in server.received] == list(range(200))
+
+
+def test_durable_records_are_in_the_spill_file_before_put_returns_and_stay_until_delivered(tmp_path):
+    server = FlakyServer(down=True)
+    path = tmp_path / "spill.jsonl"
+    delivery = Delivery(server, path, durable=True, backoff=FAST)
+    for record in records(5):
+        delivery.put(record)
+        assert read_jsonl(path)[-1] == record
+    wait_until(lambda: len(server.attempts) >= 2)
+    assert read_jsonl(path) == records(5)  # the one being retried included
+    server.down = False
+    wait_until(lambda: delivery.delivered == 5)
+    assert path.read_bytes() == b""
+    delivery.close(timeout=1.0)
+    assert not path.exists()
+
+
+def test_an_existing_spill_file_is_continued_first_skipping_an_unreadable_line(tmp_path):
+    path = tmp_path / "spill.jsonl"
+    path.write_bytes(b'{"n": 0}\n{"n": 1\n{"n": 2}\n')
+    server = FlakyServer()
+    delivery = Delivery(server, path, backoff=FAST)
+    delivery.put({"n": 3})
+    delivery.close(timeout=5.0)
+    assert server.received == [{"n": 0}, {"n": 2}, {"n": 3}]
+    assert delivery._spill.unreadable == 1

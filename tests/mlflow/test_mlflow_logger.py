@@ -140,11 +140,13 @@ def test_replay_reports_an_unreachable_server_and_exits_non_zero(tmp_path, capsy
     assert "stopped at record 1 of 1 (status)" in capsys.readouterr().err
 
 
-def test_replay_refuses_a_file_that_is_not_records(tmp_path, capsys):
+def test_replay_reports_a_line_that_is_not_a_record_by_number(tmp_path, capsys):
     spill_file = tmp_path / "notes.jsonl"
     spill_file.write_text('{"type": "status", "run_id": "x", "status": "FINISHED", "end_time": 1}\nhello\n')
-    assert mlflow_replay.main([str(spill_file), "--tracking-uri", "sqlite:///unused.db"]) == 1
-    assert "notes.jsonl:2: not a JSON object" in capsys.readouterr().err
+    assert mlflow_replay.main([str(spill_file), "--tracking-uri", f"sqlite:///{tmp_path / 'store.db'}"]) == 1
+    err = capsys.readouterr().err
+    assert "notes.jsonl:2: skipped: not a JSON object" in err
+    assert "record 1 (status) refused" in err  # run x does not exist in the store
 
 
 def test_metric_keys_lose_the_characters_the_stock_logger_drops(tracking_uri, tmp_path):
