@@ -41,6 +41,12 @@ def histogram_table(grads: Sequence[Tensor], bins: int = HISTOGRAM_BINS, bounds:
 
     Computed on the gradients' device with no host synchronisation. Peak extra memory is about 8 bytes per
     element of the largest gradient (its bin indices and positions), freed before the next gradient.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_optloss.gradients.histograms import histogram_table
+        >>> histogram_table([torch.tensor([0.0, 0.1, 0.2, 1.0])], bins=4)  # min, max, then 4 counts
+        tensor([[0., 1., 3., 0., 0., 1.]], dtype=torch.float64)
     """
     if bins < 1:
         raise ValueError(f"histogram_table: `bins` must be an integer >= 1; got {bins!r}.")
