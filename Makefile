@@ -40,9 +40,10 @@ test-slow: venv
 test-all: venv
 	$(BIN)/python -m pytest -m "not gpu and not browser" $(PYTEST_ARGS)
 
-# Headless Chromium through the MLflow UI on mlruns_example/ (about a minute and a half, plus the
-# chromium install the first time); screenshots in tests/artifacts/.
-test-browser: venv
+# Headless Chromium through the MLflow UI on mlruns_example/ and through the documentation site (built with
+# --strict into a temporary folder); about two minutes, plus the chromium install the first time; screenshots
+# in tests/artifacts/.
+test-browser: $(VENV)/.docs-installed
 	@test -x "$(CHROMIUM)" || { $(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 	$(BIN)/python -c "import playwright" 2>/dev/null || $(BIN)/python -m pip install --quiet "playwright>=1.45"
