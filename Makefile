@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 CHROMIUM ?= /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv demo example test test-slow test-all test-browser lint format reference clean
+.PHONY: venv demo example test test-slow test-all test-browser docs lint format reference clean
 
 venv: $(VENV)/.installed
 
@@ -40,13 +40,23 @@ test-slow: venv
 test-all: venv
 	$(BIN)/python -m pytest -m "not gpu and not browser" $(PYTEST_ARGS)
 
-# Headless Chromium through the MLflow UI on mlruns_example/ (about a minute and a half, plus the
-# chromium install the first time); screenshots in tests/artifacts/.
-test-browser: venv
+# Headless Chromium through the MLflow UI on mlruns_example/ and through the documentation site (built with
+# --strict into a temporary folder); about two minutes, plus the chromium install the first time; screenshots
+# in tests/artifacts/.
+test-browser: $(VENV)/.docs-installed
 	@test -x "$(CHROMIUM)" || { $(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 	$(BIN)/python -c "import playwright" 2>/dev/null || $(BIN)/python -m pip install --quiet "playwright>=1.45"
 	CHROMIUM=$(CHROMIUM) LIGHTNING_OPTLOSS_BROWSER=required $(BIN)/python -m pytest -m browser $(PYTEST_ARGS)
+
+# The documentation site (MkDocs Material, API pages from the docstrings by mkdocstrings) into site/. --strict: a
+# broken link, anchor or ::: reference fails the build. The docs extra is installed into .venv the first time.
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
+
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[docs]"
+	touch $@
 
 lint: venv
 	$(BIN)/ruff check .
@@ -57,4 +67,4 @@ format: venv
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) demo_mlruns .pytest_cache .ruff_cache lightning_logs *.egg-info tests/artifacts
+	rm -rf $(VENV) site demo_mlruns .pytest_cache .ruff_cache lightning_logs *.egg-info tests/artifacts

@@ -150,6 +150,17 @@ def adaptive_clipping_fn(
 
     Returns:
         An :class:`AdaptiveClipping`, whose moving averages are saved in OptimizeLoss's checkpoint state.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_optloss import adaptive_clipping_fn
+        >>> clip = adaptive_clipping_fn(std_factor=2.0, decay=0.95)
+        >>> weight = torch.zeros(2)
+        >>> for scale in (1.0, 1.0):  # two steps of norm 1: the moving averages learn it
+        ...     _ = clip([(torch.tensor([0.6, 0.8]) * scale, weight)])
+        >>> [(clipped, _)] = clip([(torch.tensor([60.0, 80.0]), weight)])  # a spike of norm 100
+        >>> round(float(clipped.norm()), 3)  # rescaled to exp(mean of the log-norms)
+        1.259
     """
     std_factor = validation.real(_OWNER, "std_factor", std_factor, minimum=0.0)
     decay = validation.real(_OWNER, "decay", decay, minimum=0.0, maximum=1.0)

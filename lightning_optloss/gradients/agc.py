@@ -256,6 +256,19 @@ def agc_clipping_fn(clip_factor: float = 0.01, eps: float = 1e-3, exclude: Exclu
         A stateless :class:`UnitwiseClipping`, whose summary ``clip/agc_clipped_fraction`` OptimizeLoss
         logs as ``<name>/clip/agc_clipped_fraction``.
 
+    Examples:
+        >>> import torch
+        >>> from lightning_optloss import agc_clipping_fn
+        >>> clip = agc_clipping_fn(clip_factor=0.1)
+        >>> weight = torch.tensor([[3.0, 4.0], [0.0, 1.0]])  # row norms 5 and 1
+        >>> grad = torch.tensor([[3.0, 4.0], [0.0, 0.05]])  # row norms 5 (> 0.1 * 5) and 0.05 (< 0.1 * 1)
+        >>> [(clipped, _)] = clip([(grad, weight)])
+        >>> clipped  # the first row rescaled to norm 0.5, the second untouched
+        tensor([[0.3000, 0.4000],
+                [0.0000, 0.0500]])
+        >>> clip.summaries()
+        {'clip/agc_clipped_fraction': tensor(0.5000)}
+
     References:
         Brock, De, Smith & Simonyan, "High-Performance Large-Scale Image Recognition Without
         Normalization", ICML 2021, section 4.1, https://arxiv.org/abs/2102.06171

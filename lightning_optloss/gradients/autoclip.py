@@ -123,6 +123,17 @@ def autoclip_fn(percentile: float = 10, history: int = 1000) -> AutoClipping:
         An :class:`AutoClipping`; OptimizeLoss logs its threshold as ``<name>/global_norm/autoclip_threshold``
         and saves its history in checkpoints.
 
+    Examples:
+        >>> import torch
+        >>> from lightning_optloss import autoclip_fn
+        >>> clip = autoclip_fn(percentile=50, history=10)
+        >>> weight = torch.zeros(1)
+        >>> [float(clip([(torch.tensor([norm]), weight)])[0][0]) for norm in (1.0, 3.0, 2.0, 10.0)]
+        [1.0, 2.0, 2.0, 2.5]
+
+        The history includes the current norm: the median of ``[1, 3]`` is 2, so 3 is clipped to 2; the median of
+        ``[1, 3, 2, 10]`` is 2.5.
+
     References:
         Seetharaman, Wichern, Pardo & Le Roux, "AutoClip: Adaptive Gradient Clipping for Source Separation
         Networks", IEEE MLSP 2020, https://arxiv.org/abs/2007.14469

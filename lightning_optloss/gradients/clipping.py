@@ -52,6 +52,15 @@ def clip_by_global_norm_(
     multiplied gradients) are applied in the same pass: gradient ``i`` is scaled by ``multipliers[i] * factor``,
     one memory pass instead of two (the product rounds once more than TF's two multiplications, within float32
     precision).
+
+    Examples:
+        >>> import torch
+        >>> from lightning_optloss.gradients.clipping import clip_by_global_norm_
+        >>> grads = [torch.tensor([3.0]), torch.tensor([4.0])]  # global norm 5
+        >>> clip_by_global_norm_(grads, clip_norm=1.0, norm=torch.tensor(5.0))
+        tensor(0.2000)
+        >>> grads
+        [tensor([0.6000]), tensor([0.8000])]
     """
     inverse_clip = float(np.float32(1.0) / np.float32(clip_norm))
     factor = clip_norm * torch.clamp(norm.reciprocal(), max=inverse_clip) + (norm - norm)
@@ -84,6 +93,17 @@ def clip_groups_by_global_norm_(
     Returns:
         ``(group_norms, factors)``: two 1-d tensors of ``len(clip_norms)``, each group's global norm before
         clipping and the factor its gradients were multiplied by, for summaries (no host copy here).
+
+    Examples:
+        >>> import torch
+        >>> from lightning_optloss.gradients.clipping import clip_groups_by_global_norm_
+        >>> from lightning_optloss.gradients.norms import parameter_norms
+        >>> grads = [torch.tensor([3.0, 4.0]), torch.tensor([0.5]), torch.tensor([9.0])]
+        >>> norms, factors = clip_groups_by_global_norm_(grads, [0, 1, -1], [1.0, 1.0], parameter_norms(grads))
+        >>> norms, factors  # group 0 has norm 5 and is clipped; group 1 is below its clip value
+        (tensor([5.0000, 0.5000]), tensor([0.2000, 1.0000]))
+        >>> grads  # the third gradient belongs to no group
+        [tensor([0.6000, 0.8000]), tensor([0.5000]), tensor([9.])]
 
     References:
         Pascanu, Mikolov & Bengio, "On the difficulty of training recurrent neural networks", ICML 2013,

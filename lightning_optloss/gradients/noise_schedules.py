@@ -67,6 +67,12 @@ def annealed_noise_scale(eta: float = 0.01, gamma: float = 0.55, match_paper_std
     Returns:
         An :class:`AnnealedNoiseScale`: ``scale(global_step) -> float``.
 
+    Examples:
+        >>> from lightning_optloss import annealed_noise_scale
+        >>> scale = annealed_noise_scale(eta=0.01, gamma=0.55)
+        >>> scale(0), round(scale(99), 6)  # sqrt(0.01), sqrt(0.01 / 100 ** 0.55)
+        (0.1, 0.028184)
+
     References:
         Neelakantan et al., "Adding Gradient Noise Improves Learning for Very Deep Networks", 2015,
         https://arxiv.org/abs/1511.06807

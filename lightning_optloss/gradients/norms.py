@@ -26,6 +26,13 @@ def parameter_norms(grads: Sequence[Tensor], all_reduce_sum: AllReduceSum | None
 
     Half-precision gradients are reduced in float32. With ``all_reduce_sum`` the squared norms of the local
     shards are summed over processes first: exactly one collective for all parameters.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_optloss.gradients.norms import global_norm, parameter_norms
+        >>> norms = parameter_norms([torch.tensor([3.0, 4.0]), torch.tensor([[12.0]])])
+        >>> norms, global_norm(norms)
+        (tensor([ 5., 12.]), tensor(13.))
     """
     device = grads[0].device
     if {grad.dtype for grad in grads} in ({torch.float32}, {torch.float64}):  # the common case: one kernel

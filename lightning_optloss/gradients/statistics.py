@@ -150,6 +150,14 @@ def gradient_statistics(moments: Tensor, norms: Tensor) -> Tensor:
 
     ``std`` is the population standard deviation, as TF's histogram summaries (``sum`` and ``sum_squares``)
     give it.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_optloss.gradients.norms import parameter_norms
+        >>> from lightning_optloss.gradients.statistics import gradient_statistics, local_moments
+        >>> grads = [torch.tensor([1.0, 3.0])]
+        >>> gradient_statistics(local_moments(grads, torch.float64), parameter_norms(grads))  # mean std min max norm
+        tensor([[2.0000, 1.0000, 1.0000, 3.0000, 3.1623]], dtype=torch.float64)
     """
     count, mean, m2 = moments[:, 0], moments[:, 1], moments[:, 2]
     std = (m2 / count).clamp(min=0.0).sqrt()

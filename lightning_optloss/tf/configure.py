@@ -196,6 +196,22 @@ def configure_optimizers(
         ValueError: for every invalid argument TF rejected (learning rate < 0 or of the wrong type, unknown
             optimizer name, name or class without a learning rate, a callable not returning an Optimizer,
             any other optimizer type), and for unknown or duplicate ``variables``.
+
+    Examples:
+        >>> import functools
+        >>> import torch
+        >>> from lightning_optloss import configure_optimizers, decay
+        >>> module = torch.nn.Linear(2, 1)
+        >>> type(configure_optimizers(module, "Adam", 0.001)).__name__  # TF1's Adam, by TF's name
+        'TFAdam'
+        >>> schedule = functools.partial(decay.exponential_decay, decay_steps=1000, decay_rate=0.5)
+        >>> config = configure_optimizers(module, "SGD", 0.1, schedule)
+        >>> type(config["lr_scheduler"]["scheduler"]).__name__, config["lr_scheduler"]["interval"]
+        ('LearningRateDecay', 'step')
+        >>> configure_optimizers(module, "Adamax", 0.1)
+        Traceback (most recent call last):
+            ...
+        ValueError: configure_optimizers: `optimizer` must be one of 'Adagrad', ...; got 'Adamax'. Did you mean 'Adam'?
     """
     if not isinstance(module, nn.Module):
         raise validation.invalid(_OWNER, "module", "the LightningModule (an nn.Module), usually `self`", module)

@@ -186,6 +186,20 @@ def exponential_decay(
 
     Raises:
         ValueError: if ``global_step`` is None, or an argument is out of range.
+
+    Examples:
+        >>> from lightning_optloss import decay
+        >>> decay.exponential_decay(0.1, 1000, decay_steps=1000, decay_rate=0.5)  # float32, as TF
+        0.05000000074505806
+        >>> decay.exponential_decay(0.1, 999, decay_steps=1000, decay_rate=0.5, staircase=True)
+        0.10000000149011612
+
+        As a ``learning_rate_decay_fn``, bind everything but the rate and the step (it pickles, a lambda does not):
+
+        >>> import functools
+        >>> schedule = functools.partial(decay.exponential_decay, decay_steps=1000, decay_rate=0.5)
+        >>> schedule(0.1, 2000)
+        0.02500000037252903
     """
     owner = "exponential_decay"
     step = _global_step(owner, global_step)
@@ -231,6 +245,11 @@ def piecewise_constant(
         ValueError: if ``x`` is None, or the boundaries or values are not as described. TF also requires
             ``x`` and the boundaries to have the same dtype; Python compares ints and floats exactly, so
             mixing them is accepted here.
+
+    Examples:
+        >>> from lightning_optloss import decay
+        >>> [decay.piecewise_constant(step, [1000, 2000], [0.1, 0.01, 0.001]) for step in (1000, 1001, 2001)]
+        [0.10000000149011612, 0.009999999776482582, 0.0010000000474974513]
     """
     owner = "piecewise_constant"
     if x is None:
@@ -300,6 +319,11 @@ def polynomial_decay(
 
     Raises:
         ValueError: if ``global_step`` is None, or an argument is out of range.
+
+    Examples:
+        >>> from lightning_optloss import decay
+        >>> decay.polynomial_decay(0.1, 500, decay_steps=1000, end_learning_rate=0.01)  # halfway from 0.1 to 0.01
+        0.054999999701976776
     """
     owner = "polynomial_decay"
     step = _global_step(owner, global_step)
@@ -440,6 +464,11 @@ def cosine_decay(
 
     Raises:
         ValueError: if ``global_step`` is None, or an argument is out of range.
+
+    Examples:
+        >>> from lightning_optloss import decay
+        >>> round(decay.cosine_decay(0.1, 500, decay_steps=1000), 6), decay.cosine_decay(0.1, 5000, decay_steps=1000)
+        (0.05, 0.0)
 
     References:
         Loshchilov & Hutter, "SGDR: Stochastic Gradient Descent with Warm Restarts", ICLR 2017,
@@ -762,6 +791,14 @@ def linear_warmup(schedule: Callable[[float, int], float], warmup_steps: int) ->
         A ``functools.partial`` of a module-level function (it pickles when ``schedule`` does):
         ``fn(learning_rate, global_step) -> float``.
 
+    Examples:
+        >>> import functools
+        >>> from lightning_optloss import decay
+        >>> halving = functools.partial(decay.exponential_decay, decay_steps=1000, decay_rate=0.5)
+        >>> schedule = decay.linear_warmup(halving, warmup_steps=100)
+        >>> [round(schedule(0.1, step), 6) for step in (0, 50, 100, 1100)]  # 0, half, the peak, one half-life later
+        [0.0, 0.05, 0.1, 0.05]
+
     References:
         Goyal et al., "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour", 2017, section 2.2,
         https://arxiv.org/abs/1706.02677; ``transformers.optimization`` (Hugging Face) for the convention.
@@ -806,6 +843,13 @@ def warmup_cosine_decay(
 
     Raises:
         ValueError: if ``global_step`` is None, or an argument is out of range.
+
+    Examples:
+        >>> import functools
+        >>> from lightning_optloss import decay
+        >>> schedule = functools.partial(decay.warmup_cosine_decay, warmup_steps=100, decay_steps=900)
+        >>> [round(schedule(0.1, step), 6) for step in (50, 100, 550, 1000)]
+        [0.05, 0.1, 0.05, 0.0]
 
     References:
         Goyal et al., "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour", 2017,
