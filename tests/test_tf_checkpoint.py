@@ -324,6 +324,17 @@ def test_a_resumed_lightning_checkpoint_takes_precedence(tmp_path):
     assert all(torch.equal(p, expected[n]) for n, p in resumed.named_parameters())
 
 
+@requires_tf
+def test_a_second_fit_goes_on_from_the_trained_weights(tmp_path):
+    case = CASES["opt_sgd"]
+    model, trainer = fit(case, make_callback(case), TFCheckpoint(CHECKPOINTS / "opt_sgd"), max_steps=1)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # max_steps is reached: the second fit trains nothing, and a reload would put TF's saved values back.
+    with pytest.warns(UserWarning, match="loaded by an earlier fit"):
+        trainer.fit(model, make_loader(case))
+    assert all(torch.equal(p, trained[n]) for n, p in model.named_parameters())
+
+
 def test_sharded_strategies_are_refused_with_a_clear_error():
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 

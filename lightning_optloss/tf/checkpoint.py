@@ -80,7 +80,8 @@ class TFCheckpoint(Callback):
 
     The checkpoint is read and every name, shape and slot checked before anything changes: at ``setup``
     (names, shapes, data) and at ``on_fit_start`` (optimizers). A fit resumed from a Lightning checkpoint
-    (``trainer.fit(..., ckpt_path=...)``) takes precedence: then nothing is loaded, with a warning.
+    (``trainer.fit(..., ckpt_path=...)``) takes precedence: then nothing is loaded, with a warning; so does a
+    later ``fit`` with the same callback (:attr:`loaded` is True once it has loaded).
 
     Default name map: ``a/b/kernel`` → ``a.b.weight``, kernels transposed (dense (in, out) → (out, in),
     convolutions HWIO → OIHW, 1-d and 3-d likewise); ``bias`` → ``bias``; batch norm's ``gamma``, ``beta``,
@@ -144,7 +145,7 @@ class TFCheckpoint(Callback):
     # ------------------------------------------------------------------ setup: names, shapes, data
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
+        if stage != "fit" or self.loaded:
             return
         strategies.check_whole_tensor_loading(_OWNER, trainer.strategy)
         self._reader = TFCheckpointReader(_OWNER, self.prefix)
@@ -171,6 +172,12 @@ class TFCheckpoint(Callback):
     # ------------------------------------------------------------------ on_fit_start: optimizers, then load
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.loaded:
+            rank_zero_warn(
+                f"{_OWNER}: the TF checkpoint {self.prefix!r} was loaded by an earlier fit of this callback; "
+                "this fit goes on from the current weights and loads nothing."
+            )
+            return
         if trainer.ckpt_path is not None:
             rank_zero_warn(
                 f"{_OWNER}: fit resumes the Lightning checkpoint {str(trainer.ckpt_path)!r}, which takes "
