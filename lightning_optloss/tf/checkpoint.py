@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_optloss.callback import OptimizeLoss
@@ -41,6 +41,7 @@ from lightning_optloss.tf.checkpoint_names import (
     match_names,
     resolve_prefix,
     sort_variables,
+    tensor_names,
     to_torch_layout,
 )
 from lightning_optloss.tf.configure import LearningRateDecay
@@ -94,7 +95,8 @@ class TFCheckpoint(Callback):
             latest checkpoint, from TF's ``checkpoint`` file). Must exist at construction.
         name_map: Overrides the default map: a dict ``{TF name: parameter name}`` (names it lacks keep the
             default), or a callable ``fn(tf_name) -> parameter name or None`` (None: leave the variable
-            unused). A mapped TF variable whose last part is ``kernel`` is still transposed.
+            unused; picklable for ``ddp_spawn``: a function, not a lambda). A mapped TF variable whose last part
+            is ``kernel`` is still transposed.
         strict: With True (default), every trainable parameter must receive a value, every TF model variable
             must be used, every parameter of a TF1 optimizer must find its slots, and the optimizers must be
             TF1 optimizers built by name; otherwise a ``ValueError`` lists what is unmatched, with the
@@ -306,10 +308,3 @@ def _scopes(trainer: pl.Trainer) -> list[str]:
     """The ``optimize_loss`` name scopes to look for optimizer variables in: the OptimizeLoss names."""
     names = [callback.name for callback in trainer.callbacks if isinstance(callback, OptimizeLoss)]
     return names or ["OptimizeLoss"]
-
-
-def tensor_names(module: nn.Module) -> dict[str, bool]:
-    """The module's tensors that can take a TF value: parameter and buffer names → must receive one."""
-    tensors = {name: param.requires_grad for name, param in module.named_parameters()}
-    tensors.update({name: False for name, _ in module.named_buffers() if name not in tensors})
-    return tensors

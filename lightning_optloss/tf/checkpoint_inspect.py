@@ -23,6 +23,7 @@ from lightning_optloss.tf.checkpoint_names import (
     match_names,
     resolve_prefix,
     sort_variables,
+    tensor_names,
 )
 
 _OWNER = "tf_checkpoint inspect"
@@ -58,8 +59,7 @@ def report(prefix: str, module: nn.Module | None, scope: str) -> tuple[list[str]
     tensors: dict[str, bool] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     if module is not None:
-        tensors = {name: param.requires_grad for name, param in module.named_parameters()}
-        tensors.update({name: False for name, _ in module.named_buffers() if name not in tensors})
+        tensors = tensor_names(module)
         shapes = {name: tuple(t.shape) for name, t in [*module.named_parameters(), *module.named_buffers()]}
     match = match_names(_OWNER, kinds.model, tensors, None) if module is not None else None
     lines.append(f"model variables ({len(kinds.model)}):")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import nn
 
 from lightning_optloss.common import validation
 
@@ -304,3 +305,11 @@ def match_names(
         pairs[tf_name] = target
     unmatched = [name for name, required in tensors.items() if required and name not in taken]
     return NameMatch(pairs, unused, unmatched)
+
+
+def tensor_names(module: nn.Module) -> dict[str, bool]:
+    """The module's tensors that can take a TF value: parameter and buffer names → whether one is required
+    (trainable parameters)."""
+    tensors = {name: param.requires_grad for name, param in module.named_parameters()}
+    tensors.update({name: False for name, _ in module.named_buffers() if name not in tensors})
+    return tensors
