@@ -39,7 +39,7 @@ from tf_checkpoint_support import (
     tf_as_torch,
 )
 
-from lightning_optloss import OptimizeLoss, TFCheckpoint
+from lightning_optloss import OptimizeLoss, TFCheckpoint, adaptive_clipping_fn
 from lightning_optloss.tf.checkpoint_inspect import main as inspect_main
 from lightning_optloss.tf.checkpoint_names import default_name
 
@@ -237,6 +237,16 @@ def test_slots_of_another_optimizer_are_refused_before_any_update(tmp_path):
     with pytest.raises(ValueError, match=r"slots of the Adam optimizer, but the configured optimizer is Momentum"):
         fit(case, make_callback(case), TFCheckpoint(CHECKPOINTS / "opt_adam"), model=model)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@requires_tf
+def test_missing_slots_and_missing_clipping_averages_are_errors_when_strict(tmp_path):
+    case = CASES["opt_sgd"]  # saved by SGD: no slots, no adaptive clipping
+    with pytest.raises(ValueError, match=r"no slot Adam, Adam_1 for 'hidden/kernel'"):
+        fit(case, make_callback(case), TFCheckpoint(CHECKPOINTS / "opt_sgd"), model=make_model(case, "Adam"))
+    adaptive = OptimizeLoss(clip_gradients=adaptive_clipping_fn())
+    with pytest.raises(ValueError, match=r"clips adaptively, but the checkpoint has no 'OptimizeLoss/AdaptiveMaxNorm"):
+        fit(case, adaptive, TFCheckpoint(CHECKPOINTS / "opt_sgd"))
 
 
 @requires_tf

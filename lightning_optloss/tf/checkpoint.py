@@ -166,10 +166,11 @@ class TFCheckpoint(Callback):
             for tf_name, name in match.pairs.items()
         }
 
-    def _refuse_or_warn(self, message: str) -> None:
+    def _refuse_or_warn(self, message: str, instead: str = "") -> None:
+        """A ``ValueError`` with ``strict``, else a warning saying what happens ``instead``."""
         if self.strict:
             raise ValueError(f"{_OWNER}: {message}")
-        rank_zero_warn(f"{_OWNER}: {message}")
+        rank_zero_warn(f"{_OWNER}: {message}{instead}")
 
     # ------------------------------------------------------------------ on_fit_start: optimizers, then load
 
@@ -258,8 +259,9 @@ class TFCheckpoint(Callback):
         missing = [suffix for suffix in table.values() if suffix not in slots]
         if missing:
             self._refuse_or_warn(
-                f"the checkpoint has no slot {', '.join(missing)} for {tf_name!r}; it starts from its initial "
-                "value (was this variable trained in TF, and under this OptimizeLoss name?)."
+                f"the checkpoint has no slot {', '.join(missing)} for {tf_name!r} (was this variable trained in "
+                "TF, and under this OptimizeLoss name?).",
+                " Its slots start from their initial values.",
             )
             return None
         state: dict[str, Any] = {}
@@ -286,7 +288,8 @@ class TFCheckpoint(Callback):
                 else:
                     self._refuse_or_warn(
                         f"OptimizeLoss {callback.name!r} clips adaptively, but the checkpoint has no "
-                        f"{names['mean']!r}; its moving averages start at 0."
+                        f"{names['mean']!r}.",
+                        " Its moving averages start at 0.",
                     )
             elif present:
                 rank_zero_warn(
