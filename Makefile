@@ -13,6 +13,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 venv: $(VENV)/.installed
 
+# The tf extra (tensorflow-cpu) gives TFCheckpoint's tests TF's checkpoint reader.
 # DeepSpeed (for its CPU tests) is built against the torch above: without build isolation, which would fetch
 # another torch (a CUDA build of several GB) into the build environment, and without its compiled ops.
 DEEPSPEED ?= deepspeed>=0.19.8
@@ -20,7 +21,7 @@ DEEPSPEED ?= deepspeed>=0.19.8
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,tf]"
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet --no-build-isolation "$(DEEPSPEED)"
 	touch $@
 

@@ -8,6 +8,8 @@
 - Beyond TF: :func:`agc_clipping_fn` (unit-wise adaptive gradient clipping), :func:`autoclip_fn`
   (percentile clipping), :func:`annealed_noise_scale` (annealed gradient noise); warmup schedules in
   :mod:`decay`; per-group clipping with ``OptimizeLoss(clip_gradients={glob: value})``.
+- :class:`TFCheckpoint`: continue a TF1 run from its ``tf.train.Saver`` checkpoint (weights, optimizer slots,
+  global step, adaptive clipping's averages); needs ``pip install 'lightning-optloss[tf]'``.
 - :class:`MLFlowLogger`: Lightning's MLflow logger with the server calls off the training thread, surviving outages.
 
 Layers, lowest first; a module imports only its own layer and lower ones, with no import circle, type-only
@@ -27,6 +29,7 @@ from lightning_optloss.gradients.noise_schedules import AnnealedNoiseScale, anne
 from lightning_optloss.mlflow.logger import MLFlowLogger
 from lightning_optloss.summaries import OPTIMIZER_SUMMARIES
 from lightning_optloss.tf import decay
+from lightning_optloss.tf.checkpoint import TFCheckpoint
 from lightning_optloss.tf.configure import LearningRateDecay, configure_optimizers
 from lightning_optloss.tf.optimizers import OPTIMIZER_CLS_NAMES
 
@@ -39,6 +42,7 @@ __all__ = [
     "LearningRateDecay",
     "MLFlowLogger",
     "OptimizeLoss",
+    "TFCheckpoint",
     "UnitwiseClipping",
     "__version__",
     "adaptive_clipping_fn",

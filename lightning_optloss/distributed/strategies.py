@@ -546,3 +546,25 @@ def gradient_access(owner: str, strategy: Strategy) -> GradientAccess:
 def loss_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
     """The AMP ``GradScaler`` of the Trainer's precision (``16-mixed``), which skips inf/NaN steps itself."""
     return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def check_whole_tensor_loading(owner: str, strategy: Strategy) -> None:
+    """Refuse strategies whose processes do not hold whole parameters and optimizer states.
+
+    Loading values from outside (a TF checkpoint) copies whole tensors into every process: right for one
+    device and DDP (every replica loads the same values); FSDP1, FSDP2 and DeepSpeed shard parameters and
+    optimizer states (or wrap the optimizer), and are refused at ``setup``, before anything is changed.
+    """
+    unsupported = (XLAStrategy, SingleDeviceXLAStrategy, DeepSpeedStrategy)  # DeepSpeedStrategy is a DDPStrategy
+    if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not isinstance(strategy, unsupported):
+        return
+    sharded = {
+        ModelParallelStrategy: "FSDP2 (ModelParallelStrategy) shards parameters and optimizer states into DTensors",
+        FSDPStrategy: "FSDP1 (FSDPStrategy) flattens and shards parameters and optimizer states",
+        DeepSpeedStrategy: "DeepSpeed wraps the optimizer and partitions its states",
+    }
+    reason = next((text for cls, text in sharded.items() if isinstance(strategy, cls)), "it is not supported")
+    raise ValueError(
+        f"{owner}: the Trainer's strategy is {type(strategy).__name__}: {reason}. Loading whole tensors is "
+        "supported on one device and with DDP ('ddp', 'ddp_spawn', 'ddp_find_unused_parameters_true')."
+    )

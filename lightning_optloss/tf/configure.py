@@ -42,6 +42,10 @@ class LearningRateDecay(LRScheduler):
     def bind_global_step(self, global_step: Callable[[], int]) -> None:
         """Read the global step from ``global_step()`` from now on, and set the rates for it."""
         self._global_step = global_step
+        self.refresh_rates()
+
+    def refresh_rates(self) -> None:
+        """Set every group's rate for the current global step (after the step was set from outside)."""
         for group, rate in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
             group["lr"] = rate
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
