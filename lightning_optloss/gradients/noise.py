@@ -150,9 +150,11 @@ class GradientNoise:
     Cost: small tensors share chunks (one generator call for many of them, one ``_foreach_add_`` per chunk),
     large ones span several, which on a CPU are drawn on a thread per core (one intra-op thread each).
 
-    Extra memory: a chunk per thread on a CPU (1 MiB each), one chunk on accelerators (16 MiB). A shard that is
-    not a contiguous range of its parameter (tensor parallelism on a dimension other than 0) draws its
-    parameter's whole noise and takes its part.
+    Extra memory: a chunk per thread on a CPU (1 MiB each), one chunk on accelerators (16 MiB). When all the
+    gradients of a set lie in one chunk, that chunk's buffer is kept between steps (drawn in place, its
+    gradient-shaped views made once), one per cached set of gradients. A shard that is not a contiguous range
+    of its parameter (tensor parallelism on a dimension other than 0) draws its parameter's whole noise and
+    takes its part.
 
     Args:
         seed: Any integer in ``[0, 2**63)``.
