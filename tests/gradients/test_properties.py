@@ -69,9 +69,10 @@ def test_truncated_normal_noise_has_mean_0_std_088_scale_and_is_cut_at_two_scale
     GradientNoise(seed, {index: 40_000}).add_(grads, [index], step, scale)
     noise = grads[0].double() / scale
     assert float(noise.abs().max()) <= 2.0 + 1e-6
-    # 40,000 samples: the mean's standard error is 0.0044 and the std's 0.0022 (4.5 of them allowed).
-    assert abs(float(noise.mean())) < 0.02
-    assert float(noise.std()) == pytest.approx(GradientNoise.truncated_std, abs=0.01)
+    # 40,000 samples: the mean's standard error is 0.0044 and the std's 0.0023. Six of them are allowed: at 4.5
+    # a run of 40 random examples failed about once in a few thousand (seed=98818, step=5290 gives a std 5 off).
+    assert abs(float(noise.mean())) < 0.027
+    assert float(noise.std()) == pytest.approx(GradientNoise.truncated_std, abs=0.014)
 
 
 @settings(max_examples=100, deadline=None)
