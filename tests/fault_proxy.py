@@ -52,6 +52,10 @@ class FaultProxy:
                     return
                 if self.mode == "error":
                     client.sendall(_ERROR)
+                    client.shutdown(socket.SHUT_WR)
+                    client.settimeout(1.0)  # read what the client still sends: closing on unread data resets
+                    while client.recv(65536):
+                        pass
                     return
                 if self.mode == "slow":
                     time.sleep(self.delay)

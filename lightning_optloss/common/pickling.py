@@ -11,7 +11,7 @@ pickle raises :class:`TypeError` naming it; copies (``copy.copy``/``copy.deepcop
 
 >>> import pickle
 >>> state = checked_state("OptimizeLoss", {"clip_gradients": lambda norms: 1.0}, ["clip_gradients"])
->>> pickle.dumps(state)
+>>> pickle.dumps(state)  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
 TypeError: OptimizeLoss: `clip_gradients` does not pickle ...
