@@ -4,7 +4,7 @@ The dependency order (also in ``lightning_optloss/__init__.py``'s docstring), lo
 modules of its own layer or of lower ones::
 
     common <- gradients <- distributed <- tf <- mlflow <- core (summaries, pipeline, callback_arguments,
-    callback) <- the package and demos <- the ``python -m`` entry modules
+    checkpoint_state, callback, tf.checkpoint) <- the package and demos <- the ``python -m`` entry modules
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "lightning_optloss.summaries",
             "lightning_optloss.pipeline",
             "lightning_optloss.callback_arguments",
+            "lightning_optloss.checkpoint_state",
             "lightning_optloss.callback",
+            # TFCheckpoint hands the TF global step and clipping state to the OptimizeLoss callbacks.
+            "lightning_optloss.tf.checkpoint",
         ),
     ),
     ("package and demos", ("lightning_optloss.demos", "lightning_optloss")),
@@ -41,6 +44,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "lightning_optloss.example",
             "lightning_optloss.compare",
             "lightning_optloss.mlflow_replay",
+            "lightning_optloss.tf_checkpoint",
         ),
     ),
 ]

@@ -17,7 +17,6 @@ import contextlib
 import itertools
 import os
 import posixpath
-import shlex
 import shutil
 import sys
 import threading
@@ -329,10 +328,11 @@ class MLFlowLogger(StockMLFlowLogger):
             held = "the file cannot be read back"
             with contextlib.suppress(OSError):
                 held = mlflow_records.summary(mlflow_records.read_records(report.spill_path).records)
+            command = outbox.replay_command(report.spill_path, self._tracking_uri)
             warnings.warn(
                 f"{_OWNER}: {report.undelivered} records ({held}) could not be delivered to "
                 f"{redact(self._tracking_uri)} within flush_timeout={self.flush_timeout:g} s; they are in "
-                f"{report.spill_path}. Deliver them with: {replay_command(report.spill_path, self._tracking_uri)}",
+                f"{report.spill_path}. Deliver them with: {command}",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -353,7 +353,7 @@ class MLFlowLogger(StockMLFlowLogger):
                 f"{self.max_queue_bytes} bytes, then in "
                 f"{delivery.spill_path}. What is still undelivered when fit ends (after flush_timeout="
                 f"{self.flush_timeout:g} s) stays in that file for: "
-                f"{replay_command(delivery.spill_path, self._tracking_uri)}",
+                f"{outbox.replay_command(delivery.spill_path, self._tracking_uri)}",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -415,16 +415,6 @@ class MLFlowLogger(StockMLFlowLogger):
                     stacklevel=4,
                 )
                 return
-
-
-def replay_command(spill_path: Path | Sequence[Path], tracking_uri: str) -> str:
-    """The shell command that delivers the records of ``spill_path`` (one or several) to ``tracking_uri``.
-
-    A password in the URI is shown as ``***`` (put it back, or give it in ``MLFLOW_TRACKING_PASSWORD``).
-    """
-    paths = [str(spill_path)] if isinstance(spill_path, Path) else [str(path) for path in spill_path]
-    command = [sys.executable, "-m", "lightning_optloss.mlflow_replay", *paths, "--tracking-uri", redact(tracking_uri)]
-    return shlex.join(command)
 
 
 def _brief(error: BaseException | None, limit: int = 300) -> str:

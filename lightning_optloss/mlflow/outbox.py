@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shlex
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lightning_optloss.common.redaction import redact
 from lightning_optloss.mlflow.delivery import Delivery, Record
 from lightning_optloss.mlflow.records import read_records, spill_files, summary
 
@@ -65,8 +69,6 @@ class Leftovers:
 
     def messages(self, tracking_uri: str) -> list[str]:
         """What to tell the user: the leftovers delivered first, and those of other runs with their command."""
-        from lightning_optloss.mlflow.logger import replay_command
-
         messages = []
         if self.same_run:
             messages.append(
@@ -146,3 +148,13 @@ def dropped_message(delivery: Delivery, tally: DropTally) -> str:
         f"hold ({type(disk.error).__name__}: {disk.error}; {disk.failed_writes} failed writes). They are not in "
         "the MLflow run."
     )
+
+
+def replay_command(spill_path: Path | Sequence[Path], tracking_uri: str) -> str:
+    """The shell command that delivers the records of ``spill_path`` (one or several) to ``tracking_uri``.
+
+    A password in the URI is shown as ``***`` (put it back, or give it in ``MLFLOW_TRACKING_PASSWORD``).
+    """
+    paths = [str(spill_path)] if isinstance(spill_path, Path) else [str(path) for path in spill_path]
+    command = [sys.executable, "-m", "lightning_optloss.mlflow_replay", *paths, "--tracking-uri", redact(tracking_uri)]
+    return shlex.join(command)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from lightning_optloss import MLFlowLogger, OptimizeLoss
 from lightning_optloss.mlflow import replay as mlflow_replay
-from lightning_optloss.mlflow.logger import replay_command
+from lightning_optloss.mlflow.outbox import replay_command
 
 SUMMARIES = ("OptimizeLoss/loss", "OptimizeLoss/learning_rate", "OptimizeLoss/global_norm/gradient_norm")
 HPARAMS = {"width": 8, "optimizer": "SGD"}
