@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tf"))
 from tf_checkpoint_support import CASES, CHECKPOINTS, RecordTensors, make_callback, make_dataset, make_model
 
 from lightning_optloss import TFCheckpoint

@@ -4,10 +4,10 @@ Run BY HAND, never by CI (it needs tensorflow-cpu and tf-slim, which the project
 
     python3 -m venv /tmp/tfenv
     /tmp/tfenv/bin/pip install tensorflow-cpu tf-slim
-    /tmp/tfenv/bin/python tests/reference/make_tf_checkpoint_reference.py
+    /tmp/tfenv/bin/python tests/tf/reference/make_tf_checkpoint_reference.py
 
 For every case, TF trains ``SAVE_AT`` steps with ``tf_slim``'s ``optimize_loss``, saves with
-``tf.train.Saver`` (``tests/reference/fixtures/tf_checkpoint/<case>/model.ckpt-<step>``, plus TF's
+``tf.train.Saver`` (``tests/tf/reference/fixtures/tf_checkpoint/<case>/model.ckpt-<step>``, plus TF's
 ``checkpoint`` file), then trains ``CONTINUE`` more steps, recording after every step the variables (by TF
 name), and the loss, learning rate and global norms TF summarised. ``tf_checkpoint.json`` holds the cases'
 options, the batches of the continued steps and these records. A Lightning run that loads the checkpoint
@@ -59,7 +59,7 @@ from make_tf_reference import (  # TF's aliases are restored there, before tf_sl
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CHECKPOINTS = FIXTURES / "tf_checkpoint"
-SCRIPT = "tests/reference/make_tf_checkpoint_reference.py"
+SCRIPT = "tests/tf/reference/make_tf_checkpoint_reference.py"
 SAVE_AT = 4
 CONTINUE = 4
 BATCH_SIZE = 8

@@ -1,6 +1,6 @@
 """TFCheckpoint: a TF1 run saved by ``tf.train.Saver`` continues in Lightning on TF's own trajectory.
 
-The checkpoints and trajectories come from real TF/tf-slim (``tests/reference/make_tf_checkpoint_reference.py``):
+The checkpoints and trajectories come from real TF/tf-slim (``tests/tf/reference/make_tf_checkpoint_reference.py``):
 TF trained 4 steps with ``optimize_loss``, saved, and trained 4 more. A real Trainer loads the checkpoint with
 TFCheckpoint and trains the same 4 batches: weights (and batch-norm statistics) after every step, the loss,
 the learning rate and the global norms must match TF's at rtol 1e-4. The bad-input tests check that each

@@ -1,4 +1,4 @@
-"""The models and runs of the TF checkpoint fixtures (``tests/reference/make_tf_checkpoint_reference.py``).
+"""The models and runs of the TF checkpoint fixtures (``tests/tf/reference/make_tf_checkpoint_reference.py``).
 
 Shared by ``test_tf_checkpoint.py`` and the two-process run ``distributed/tf_checkpoint_ddp.py``.
 """
