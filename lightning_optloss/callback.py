@@ -21,6 +21,7 @@ from lightning_optloss.common.parameters import ModuleParameters, NamedParameter
 from lightning_optloss.distributed import strategies
 from lightning_optloss.gradients import clipping, histograms
 from lightning_optloss.gradients.noise import GradientNoise
+from lightning_optloss.gradients.spikes import SpikeSkipping
 from lightning_optloss.mlflow import artifacts, run_info
 from lightning_optloss.mlflow import io as mlflow_io
 from lightning_optloss.mlflow.logger import warn_if_stock_mlflow_logger
@@ -107,6 +108,11 @@ class OptimizeLoss(Callback):
             ``"raise"`` read one boolean from the device per step. Under ``16-mixed`` AMP the GradScaler
             skips such steps itself, and none of these applies. Adaptive statistics never take in a
             non-finite norm.
+        skip_spikes: Beyond TF. A :func:`~lightning_optloss.spike_skipping_fn`: skips the optimizer step (as
+            ``on_nonfinite="skip"`` does) when the global gradient norm, judged after noise and multipliers and
+            before clipping, or the step's loss jumps far above its moving statistics; one warning per skipped
+            step. Reads the watched values from the device once per step. Refused under DeepSpeed, and with
+            ``watch="loss"`` in manual optimization. Default None (off).
 
     The global step (:attr:`global_step`) is TF's ``global_step``: 0 before the first update, incremented
     after every optimizer step that really updated (not after steps skipped by AMP or ``on_nonfinite``)
@@ -131,6 +137,7 @@ class OptimizeLoss(Callback):
         increment_global_step: bool = True,
         seed: int | None = None,
         on_nonfinite: str = "warn",
+        skip_spikes: SpikeSkipping | None = None,
     ) -> None:
         self.gradient_noise_scale = _check_noise_scale(gradient_noise_scale)
         self.gradient_multipliers = _check_multipliers(gradient_multipliers)
@@ -145,6 +152,9 @@ class OptimizeLoss(Callback):
         self.increment_global_step = validation.boolean(_OWNER, "increment_global_step", increment_global_step)
         self.seed = _check_seed(seed)
         self.on_nonfinite = validation.choice(_OWNER, "on_nonfinite", on_nonfinite, NONFINITE_MODES)
+        if skip_spikes is not None and not isinstance(skip_spikes, SpikeSkipping):
+            raise validation.invalid(_OWNER, "skip_spikes", "None or spike_skipping_fn(...)", skip_spikes)
+        self.skip_spikes = skip_spikes
         self._global_step = GlobalStep()
         self._reset_run_state()
 
@@ -172,6 +182,8 @@ class OptimizeLoss(Callback):
         self._stepped_in_batch = False
         self._loss_sum: Tensor | None = None
         self._loss_count = 0
+        self._step_loss: Tensor | None = None  # this optimizer step's loss, for skip_spikes(watch="loss")
+        self._logged_skipped_steps: list[int] = []
         self._log_every_n_steps = 1
         self._logging = False
         self._world_size = 1
@@ -205,7 +217,9 @@ class OptimizeLoss(Callback):
                 "OptimizeLoss); keep one of them."
             )
         self._access = strategies.gradient_access(_OWNER, trainer.strategy)
-        self._access.check(_OWNER, trainer, self.clip_gradients, self.on_nonfinite)
+        self._access.check(_OWNER, trainer, self.clip_gradients, self.on_nonfinite, self.skip_spikes is not None)
+        if self.skip_spikes is not None:
+            self.skip_spikes.check_loss_visible(_OWNER, pl_module.automatic_optimization)
         self._scaler = strategies.loss_scaler(trainer)
         first = next(callback for callback in trainer.callbacks if isinstance(callback, OptimizeLoss))
         if first is not self:
@@ -245,6 +259,7 @@ class OptimizeLoss(Callback):
             metric_keys={entry.index: key for entry, key in zip(params, keys, strict=True)},
             on_nonfinite=self.on_nonfinite,
             histograms=histograms,
+            spikes=self.skip_spikes,
         )
         self._by_optimizer = {id(optimizer): entries for optimizer, entries in by_optimizer}
         for optimizer, _ in by_optimizer:
@@ -289,6 +304,11 @@ class OptimizeLoss(Callback):
 
     # ------------------------------------------------------------------ the step
 
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        if self.skip_spikes is not None and self.skip_spikes.watches_loss:  # divided by accumulate_grad_batches
+            loss = loss.detach().float()
+            self._step_loss = loss if self._step_loss is None else self._step_loss + loss
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
@@ -321,10 +341,25 @@ class OptimizeLoss(Callback):
             if monitor is None:
                 names = [entry.name for entry in entries]
                 monitor = self._monitors[id(optimizer)] = NonFiniteMonitor(names, gradients.grads[0].device)
-        outcome = self._pipeline.run(optimizer, gradients, step, logging, monitor)
-        if outcome.skip and self._scaler is None:
+        outcome = self._pipeline.run(optimizer, gradients, step, logging, monitor, self._replica_loss())
+        if outcome.spike is not None:
+            message = outcome.spike.describe(_OWNER, self.skip_spikes.watch, step, self.skip_spikes.max_consecutive)
+            if outcome.spike.skip:
+                self._skip_update(optimizer)
+            if message:
+                rank_zero_warn(message)
+        if outcome.skip and self._scaler is None and outcome.nonfinite_names:
             self._handle_nonfinite(optimizer, step, outcome.nonfinite_names)
         self._processed[id(optimizer)] = outcome
+
+    def _replica_loss(self) -> Tensor | None:
+        """The step's loss averaged over replicas (a collective) when skip_spikes watches it, else None."""
+        if self.skip_spikes is None or not self.skip_spikes.watches_loss:
+            return None
+        if self._step_loss is None:
+            raise RuntimeError(f"{_OWNER}: skip_spikes watches the loss, but no backward pass reported one this step.")
+        loss, self._step_loss = self._step_loss, None
+        return self._access.mean_over_replicas(loss)
 
     def _handle_nonfinite(self, optimizer: Optimizer, step: int, names: list[str]) -> None:
         shown = ", ".join(repr(name) for name in names[:5]) + (" ..." if len(names) > 5 else "")
@@ -332,10 +367,14 @@ class OptimizeLoss(Callback):
             raise FloatingPointError(
                 f"{_OWNER}: non-finite gradients at global step {step} in {shown} (on_nonfinite='raise')."
             )
+        self._skip_update(optimizer)
+        rank_zero_warn(f"{_OWNER}: skipped the optimizer step at global step {step}: non-finite gradients in {shown}.")
+
+    @staticmethod
+    def _skip_update(optimizer: Optimizer) -> None:
         for group in optimizer.param_groups:
             for param in group["params"]:
                 param.grad = None  # the optimizer then updates nothing: the step is skipped
-        rank_zero_warn(f"{_OWNER}: skipped the optimizer step at global step {step}: non-finite gradients in {shown}.")
 
     def _after_optimizer_step(self, key: int, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         """Runs after the step of the optimizer ``id`` ``key`` (not after a step AMP skipped: the GradScaler
@@ -373,6 +412,7 @@ class OptimizeLoss(Callback):
             self._complete_records(pl_module)
             if trainer.is_global_zero:
                 self._deliver(trainer)
+                self._log_skipped_steps(trainer)
         self._ready.clear()
         self._processed.clear()
         self._stepped_in_batch = False
@@ -409,6 +449,14 @@ class OptimizeLoss(Callback):
         if trainer.is_global_zero:
             for monitor in self._monitors.values():
                 self._warn_nonfinite(monitor, transfers.to_host(monitor.pending()))
+            self._log_skipped_steps(trainer)
+
+    def _log_skipped_steps(self, trainer: pl.Trainer) -> None:
+        """Rank 0: the tag ``<name>/spike/skipped_steps`` when the steps skip_spikes skipped changed."""
+        steps = self.skip_spikes.skipped_steps if self.skip_spikes is not None else []
+        if steps != self._logged_skipped_steps:
+            run_info.log_skipped_steps(trainer.loggers, self.name, steps)
+            self._logged_skipped_steps = list(steps)
 
     # ------------------------------------------------------------------ MLflow run records
 
@@ -431,6 +479,7 @@ class OptimizeLoss(Callback):
             update_ops=self.update_ops,
             colocate_gradients_with_ops=self.colocate_gradients_with_ops,
             histogram_bins=histograms.HISTOGRAM_BINS,
+            skip_spikes=self.skip_spikes,
         )
         optimizers = [
             (i, optimizer) for i, optimizer in enumerate(trainer.optimizers) if id(optimizer) in self._by_optimizer
@@ -469,6 +518,8 @@ class OptimizeLoss(Callback):
         }
         if hasattr(self.clip_gradients, "state_dict"):
             state["clip_gradients"] = self.clip_gradients.state_dict()
+        if self.skip_spikes is not None:
+            state["skip_spikes"] = self.skip_spikes.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -480,6 +531,8 @@ class OptimizeLoss(Callback):
                 self._pipeline.noise.seed = self._resolved_seed
         if "clip_gradients" in state_dict and hasattr(self.clip_gradients, "load_state_dict"):
             self.clip_gradients.load_state_dict(state_dict["clip_gradients"])
+        if "skip_spikes" in state_dict and self.skip_spikes is not None:
+            self.skip_spikes.load_state_dict(state_dict["skip_spikes"])
 
 
 # Resolved by setup/on_fit_start from the Trainer: dropped when pickled for ddp_spawn, rebuilt in the worker.
@@ -496,6 +549,8 @@ _RUN_STATE = (
     "_stepped_in_batch",
     "_loss_sum",
     "_loss_count",
+    "_step_loss",
+    "_logged_skipped_steps",
     "_log_every_n_steps",
     "_logging",
     "_world_size",

@@ -1,9 +1,10 @@
 """One optimizer step of TF's ``optimize_loss`` on the gradients of some parameters.
 
 :class:`GradientPipeline` composes the transforms of :mod:`lightning_optloss.gradients` in TF's order
-(noise → multipliers → non-finite check → clipping) and builds the step's summaries; the callback decides
-when it runs, with which global step, and where the summaries go. Nothing here copies to the host, except
-``on_nonfinite="skip"`` / ``"raise"``, which must know before the update whether the gradients are finite.
+(noise → multipliers → non-finite check → spike check → clipping) and builds the step's summaries; the callback
+decides when it runs, with which global step, and where the summaries go. Nothing here copies to the host,
+except ``on_nonfinite="skip"`` / ``"raise"`` and ``skip_spikes``, which must know before the update whether
+it is to be applied.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from lightning_optloss.gradients import clipping, histograms, statistics
 from lightning_optloss.gradients.multipliers import multiply_
 from lightning_optloss.gradients.noise import GradientNoise
 from lightning_optloss.gradients.norms import global_norm, parameter_norms
+from lightning_optloss.gradients.spikes import SpikeDecision, SpikeSkipping
 from lightning_optloss.summaries import GRADIENT_STATISTICS, SummaryRecord, metric_key
 
 ClipFn = Callable[..., Sequence[tuple[Tensor | None, Tensor]]]
@@ -56,6 +58,7 @@ class StepOutcome:
     record: SummaryRecord | None
     skip: bool = False
     nonfinite_names: list[str] = field(default_factory=list)
+    spike: SpikeDecision | None = None  # with skip_spikes, once the gradients are finite
 
 
 class NonFiniteMonitor:
@@ -123,6 +126,7 @@ class GradientPipeline:
         metric_keys: ``{parameter index: metric-safe parameter name}``.
         on_nonfinite: ``"warn"``, ``"skip"`` or ``"raise"``.
         histograms: Whether logged steps with the ``gradients`` summary also carry gradient histograms.
+        spikes: Skips steps on spikes of the global norm or the loss (after multipliers, before clipping).
     """
 
     def __init__(
@@ -139,6 +143,7 @@ class GradientPipeline:
         metric_keys: dict[int, str],
         on_nonfinite: str,
         histograms: bool = False,
+        spikes: SpikeSkipping | None = None,
     ) -> None:
         self.name = name
         self.noise = noise
@@ -156,6 +161,7 @@ class GradientPipeline:
         self.clip_keywords = [k for k in CLIP_KEYWORDS if callable(clip) and validation.accepts_keyword(clip, k)]
         self.global_norms_logged = "global_gradient_norm" in self.summaries or "gradient_norm" in self.summaries
         self.histograms = histograms
+        self.spikes = spikes
 
     def gather(self, entries: list[NamedParameter]) -> StepGradients:
         """The gradients of ``entries`` that exist, as local tensors, or an error if none does."""
@@ -192,10 +198,12 @@ class GradientPipeline:
         step: int,
         logging: bool,
         monitor: NonFiniteMonitor | None,
+        loss: Tensor | None = None,
     ) -> StepOutcome:
         """Process one step's gradients in place; return its summaries when ``logging``.
 
-        ``monitor`` (``on_nonfinite="warn"``) observes the per-parameter norms of every step.
+        ``monitor`` (``on_nonfinite="warn"``) observes the per-parameter norms of every step. ``loss`` (the
+        step's loss, the same on every replica) is what ``spikes`` judges when it watches the loss.
         """
         grads = gradients.grads
         scale = self.current_noise_scale(step) if self.noise is not None else 0.0
@@ -218,6 +226,16 @@ class GradientPipeline:
                 return outcome
         elif monitor is not None:
             monitor.observe(step, ~torch.isfinite(norms), gradients.positions)
+        if self.spikes is not None:
+            watched = [global_norm(norms) if name == "global_norm" else loss for name in self.spikes.watch]
+            values = torch.stack([value.reshape(()).to(norms) for value in watched])
+            outcome.spike = self.spikes.decide(values, step)
+            if outcome.spike.skip:
+                outcome.skip = True
+                return outcome
+            if outcome.record is not None:
+                for tag, value in self.spikes.summaries().items():
+                    outcome.record.add(f"{self.name}/{tag}", value)
         if outcome.record is not None:
             self._record_before_clipping(outcome.record, optimizer, norms, scale)
         norms = self._clip(gradients, norms, step, sum_over_shards, outcome.record, multipliers if fused else None)

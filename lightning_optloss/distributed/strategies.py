@@ -146,9 +146,11 @@ class GradientAccess:
         """The number of elements of each whole parameter (local shards count as their parameter)."""
         return [param.numel() for param in params]
 
-    def check(self, owner: str, trainer: pl.Trainer, clip_gradients: Any, on_nonfinite: str) -> None:
+    def check(
+        self, owner: str, trainer: pl.Trainer, clip_gradients: Any, on_nonfinite: str, skip_spikes: bool = False
+    ) -> None:
         """At ``setup``: raise ``ValueError`` for what this strategy cannot combine with OptimizeLoss, warn
-        about what it does differently."""
+        about what it does differently. ``skip_spikes``: whether steps are skipped on spikes."""
         if isinstance(clip_gradients, UnitwiseClipping) and not self.keeps_rows_whole:
             raise ValueError(
                 f"{owner}: clip_gradients={validation.show(clip_gradients)} clips rows of parameters, which "
@@ -381,8 +383,10 @@ class DeepSpeedGradientAccess(ShardedGradientAccess):
         self.params_final_after_step = False
         self._engine: Any = None
 
-    def check(self, owner: str, trainer: pl.Trainer, clip_gradients: Any, on_nonfinite: str) -> None:
-        super().check(owner, trainer, clip_gradients, on_nonfinite)
+    def check(
+        self, owner: str, trainer: pl.Trainer, clip_gradients: Any, on_nonfinite: str, skip_spikes: bool = False
+    ) -> None:
+        super().check(owner, trainer, clip_gradients, on_nonfinite, skip_spikes)
         precision = str(trainer.precision_plugin.precision)
         if precision.startswith("16") or self.strategy.config.get("fp16", {}).get("enabled"):
             raise ValueError(
@@ -394,6 +398,11 @@ class DeepSpeedGradientAccess(ShardedGradientAccess):
             raise ValueError(
                 f"{owner}: on_nonfinite='skip' cannot skip DeepSpeed's step (it runs inside the engine); use "
                 "on_nonfinite='warn' or 'raise' with DeepSpeed."
+            )
+        if skip_spikes:
+            raise ValueError(
+                f"{owner}: skip_spikes cannot skip DeepSpeed's step (it runs inside the engine); leave it unset "
+                "with DeepSpeed, or use DDP or FSDP2."
             )
         if clip_gradients is not None and self.strategy.config.get("gradient_clipping"):
             raise ValueError(
