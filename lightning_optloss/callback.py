@@ -307,6 +307,8 @@ class OptimizeLoss(Callback):
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if self.skip_spikes is not None and self.skip_spikes.watches_loss:  # divided by accumulate_grad_batches
             loss = loss.detach().float()
+            if self._scaler is not None:  # float16 AMP hands over the loss times the GradScaler's scale
+                loss = loss / self._scaler._get_scale_async()
             self._step_loss = loss if self._step_loss is None else self._step_loss + loss
 
     def on_before_optimizer_step(

@@ -212,3 +212,18 @@ def test_deepspeed_refuses_skip_spikes():
     with pytest.raises(ValueError, match="skip_spikes cannot skip DeepSpeed's step"):
         access.check("OptimizeLoss", trainer, None, "warn", skip_spikes=True)
     access.check("OptimizeLoss", trainer, None, "warn", skip_spikes=False)
+
+
+def test_float16_amp_judges_the_unscaled_loss_and_skips_through_the_scaler():
+    from test_precision import fp16_with_scaler  # a CPU GradScaler with the scale 2**8
+
+    callback = OptimizeLoss(
+        skip_spikes=spike_skipping_fn(std_factor=4.0, warmup_steps=5, watch=("global_norm", "loss"))
+    )
+    model = CorruptAt(steps={8}, label_factor=30.0)  # finite in float16: the scaler skips nothing itself
+    with pytest.warns(UserWarning, match="global step 8 on a spike"):
+        trainer, moved = fit(model, callback, 12, plugins=[fp16_with_scaler()])
+    assert [i for i, step_moved in enumerate(moved) if not step_moved] == [8]
+    assert trainer.global_step == 12 and callback.global_step == 11
+    # The judged loss is the model's, not the model's times the scale 2**8 that on_before_backward receives.
+    assert callback.skip_spikes.last.values[1] == pytest.approx(model.losses[-1], rel=1e-3)
