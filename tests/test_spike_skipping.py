@@ -227,3 +227,12 @@ def test_float16_amp_judges_the_unscaled_loss_and_skips_through_the_scaler():
     assert trainer.global_step == 12 and callback.global_step == 11
     # The judged loss is the model's, not the model's times the scale 2**8 that on_before_backward receives.
     assert callback.skip_spikes.last.values[1] == pytest.approx(model.losses[-1], rel=1e-3)
+
+
+def test_non_finite_steps_are_on_nonfinites_and_leave_the_spike_statistics_alone():
+    callback = OptimizeLoss(on_nonfinite="skip", skip_spikes=spike_skipping_fn(warmup_steps=3))
+    model = CorruptAt(steps={5}, loss_factor=float("inf"))
+    with pytest.warns(UserWarning, match="global step 5: non-finite gradients in"):
+        _, moved = fit(model, callback, 10)
+    assert [i for i, step_moved in enumerate(moved) if not step_moved] == [5]
+    assert callback.skip_spikes.count == 9 and callback.skip_spikes.skipped == 0  # judged 9 finite steps only
