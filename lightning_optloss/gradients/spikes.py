@@ -228,11 +228,14 @@ def spike_skipping_fn(
         skip rather than rescale, as OLMo-core's ``SkipStepOptimizer`` and MindFormers'
         ``use_skip_data_by_global_norm`` skip; ``docs/spike-skipping.md`` compares them.
 
-    >>> skip = spike_skipping_fn(std_factor=3.0, warmup_steps=3)
-    >>> [skip.decide(torch.tensor([norm]), step).skip for step, norm in enumerate([1.0, 1.1, 0.9, 50.0, 1.0])]
-    [False, False, False, True, False]
-    >>> skip.skipped_steps
-    [3]
+    Examples:
+        >>> import torch
+        >>> from lightning_optloss import spike_skipping_fn
+        >>> skip = spike_skipping_fn(std_factor=3.0, warmup_steps=3)
+        >>> [skip.decide(torch.tensor([norm]), step).skip for step, norm in enumerate([1.0, 1.1, 0.9, 50.0, 1.0])]
+        [False, False, False, True, False]
+        >>> skip.skipped_steps
+        [3]
     """
     std_factor = validation.real(_OWNER, "std_factor", std_factor, minimum=0.0, strictly=True)
     decay = validation.real(_OWNER, "decay", decay, minimum=0.0, strictly=True, maximum=1.0)
