@@ -17,7 +17,8 @@ times are taken per step:
 
 Configurations: ``bare`` (no clipping), ``lightning_clip`` (``Trainer(gradient_clip_val=1e-3)``), ``clip``
 (``OptimizeLoss(clip_gradients=1e-3, summaries=[])``), ``full`` (multipliers on half the tensors, clipping and
-the default summaries to MLflow every 50 steps), ``full_noise`` (the same with ``gradient_noise_scale=0.01``) and
+the default summaries to MLflow every 50 steps), ``full_noise`` (the same with ``gradient_noise_scale=0.01``),
+``full_spikes`` (``full`` with ``skip_spikes=spike_skipping_fn(warmup_steps=10)``: one device read per step) and
 ``all_summaries`` (clipping and all five summaries every step). Models: ``small`` (100 linear layers of 32x32, 200
 tensors: per-tensor overhead) and ``large`` (3 linear layers of 4096x4096, 50M parameters: bandwidth).
 
@@ -54,7 +55,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_optloss import OPTIMIZER_SUMMARIES, MLFlowLogger, OptimizeLoss, configure_optimizers
+from lightning_optloss import OPTIMIZER_SUMMARIES, MLFlowLogger, OptimizeLoss, configure_optimizers, spike_skipping_fn
 
 LOG_EVERY = 50
 CLIP = 1e-3  # below every model's gradient norm: both sides scale the gradients on every step
@@ -173,6 +174,15 @@ CONFIGURATIONS = [
         "full_noise",
         lambda module: OptimizeLoss(
             gradient_noise_scale=0.01, gradient_multipliers=_half_the_tensors(module), clip_gradients=CLIP, seed=0
+        ),
+    ),
+    Configuration(
+        "full_spikes",
+        lambda module: OptimizeLoss(
+            gradient_multipliers=_half_the_tensors(module),
+            clip_gradients=CLIP,
+            seed=0,
+            skip_spikes=spike_skipping_fn(warmup_steps=10),
         ),
     ),
     Configuration(

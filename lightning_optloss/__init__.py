@@ -6,7 +6,8 @@
   decay, for ``LightningModule.configure_optimizers``.
 - :func:`adaptive_clipping_fn`, :mod:`decay`: TF's adaptive clipping and learning-rate schedules.
 - Beyond TF: :func:`agc_clipping_fn` (unit-wise adaptive gradient clipping), :func:`autoclip_fn`
-  (percentile clipping), :func:`annealed_noise_scale` (annealed gradient noise); warmup schedules in
+  (percentile clipping), :func:`annealed_noise_scale` (annealed gradient noise), :func:`spike_skipping_fn`
+  (skip the update on gradient-norm or loss spikes); warmup schedules in
   :mod:`decay`; per-group clipping with ``OptimizeLoss(clip_gradients={glob: value})``.
 - :class:`TFCheckpoint`: continue a TF1 run from its ``tf.train.Saver`` checkpoint (weights, optimizer slots,
   global step, adaptive clipping's averages); needs ``pip install 'lightning-optloss[tf]'``.
@@ -27,6 +28,7 @@ from lightning_optloss.gradients.adaptive_clipping import AdaptiveClipping, adap
 from lightning_optloss.gradients.agc import UnitwiseClipping, agc_clipping_fn
 from lightning_optloss.gradients.autoclip import AutoClipping, autoclip_fn
 from lightning_optloss.gradients.noise_schedules import AnnealedNoiseScale, annealed_noise_scale
+from lightning_optloss.gradients.spikes import SpikeSkipping, spike_skipping_fn
 from lightning_optloss.mlflow.logger import MLFlowLogger
 from lightning_optloss.summaries import OPTIMIZER_SUMMARIES
 from lightning_optloss.tf import decay
@@ -43,6 +45,7 @@ __all__ = [
     "LearningRateDecay",
     "MLFlowLogger",
     "OptimizeLoss",
+    "SpikeSkipping",
     "TFCheckpoint",
     "UnitwiseClipping",
     "__version__",
@@ -53,4 +56,5 @@ __all__ = [
     "autoclip_fn",
     "configure_optimizers",
     "decay",
+    "spike_skipping_fn",
 ]

@@ -30,10 +30,20 @@ from lightning_optloss.common import pickling, tags, transfers, validation
 from lightning_optloss.common.parameters import ModuleParameters, NamedParameter, ParameterKey
 from lightning_optloss.distributed import strategies
 from lightning_optloss.gradients.noise import GradientNoise
+from lightning_optloss.gradients.spikes import SpikeSkipping
 from lightning_optloss.mlflow import artifacts, run_records
 from lightning_optloss.mlflow import io as mlflow_io
 from lightning_optloss.mlflow.logger import warn_if_stock_mlflow_logger
-from lightning_optloss.pipeline import NONFINITE_MODES, GradientPipeline, NoiseScale, NonFiniteMonitor, StepOutcome
+from lightning_optloss.pipeline import (
+    NONFINITE_MODES,
+    GradientPipeline,
+    NoiseScale,
+    NonFiniteMonitor,
+    StepLoss,
+    StepOutcome,
+    act_on_spike,
+    skip_update,
+)
 from lightning_optloss.summaries import SummaryRecord, deliver
 from lightning_optloss.summaries import validate as validate_summaries
 from lightning_optloss.tf.configure import LearningRateDecay
@@ -67,6 +77,8 @@ class _FitState:
     stepped_in_batch: bool = False
     loss_sum: Tensor | None = None
     loss_count: int = 0
+    step_loss: StepLoss = field(default_factory=StepLoss)  # this optimizer step's loss, for skip_spikes
+    logged_skipped_steps: list[int] = field(default_factory=list)
     log_every_n_steps: int = 1
     logging: bool = False
     world_size: int = 1
@@ -131,6 +143,11 @@ class OptimizeLoss(Callback):
             ``"raise"`` read one boolean from the device per step. Under ``16-mixed`` AMP the GradScaler
             skips such steps itself, and none of these applies. Adaptive statistics never take in a
             non-finite norm.
+        skip_spikes: Beyond TF. A :func:`~lightning_optloss.spike_skipping_fn`: skips the optimizer step (as
+            ``on_nonfinite="skip"`` does) when the global gradient norm, judged after noise and multipliers and
+            before clipping, or the step's loss jumps far above its moving statistics; one warning per skipped
+            step. Reads the watched values from the device once per step. Refused under DeepSpeed, and with
+            ``watch="loss"`` in manual optimization. Default None (off).
 
     The global step (:attr:`global_step`) is TF's ``global_step``: 0 before the first update, incremented
     after every optimizer step that really updated (not after steps skipped by AMP or ``on_nonfinite``)
@@ -155,6 +172,7 @@ class OptimizeLoss(Callback):
         increment_global_step: bool = True,
         seed: int | None = None,
         on_nonfinite: str = "warn",
+        skip_spikes: SpikeSkipping | None = None,
     ) -> None:
         self.gradient_noise_scale = arguments.check_noise_scale(gradient_noise_scale)
         self.gradient_multipliers = arguments.check_multipliers(gradient_multipliers)
@@ -169,6 +187,7 @@ class OptimizeLoss(Callback):
         self.increment_global_step = validation.boolean(_OWNER, "increment_global_step", increment_global_step)
         self.seed = arguments.check_seed(seed)
         self.on_nonfinite = validation.choice(_OWNER, "on_nonfinite", on_nonfinite, NONFINITE_MODES)
+        self.skip_spikes = arguments.check_skip_spikes(skip_spikes)
         self._clip = arguments.clip_transform(self.clip_gradients, self.summaries)
         self._global_step = GlobalStep()
         self._fit = _FitState(self.seed)
@@ -209,7 +228,9 @@ class OptimizeLoss(Callback):
             )
         fit = self._fit
         fit.access = strategies.gradient_access(_OWNER, trainer.strategy)
-        fit.access.check(_OWNER, trainer, self._clip, self.on_nonfinite)
+        fit.access.check(_OWNER, trainer, self._clip, self.on_nonfinite, self.skip_spikes is not None)
+        if self.skip_spikes is not None:
+            self.skip_spikes.check_loss_visible(_OWNER, pl_module.automatic_optimization)
         fit.scaler = strategies.loss_scaler(trainer)
         first = next(callback for callback in trainer.callbacks if isinstance(callback, OptimizeLoss))
         if first is not self:
@@ -249,6 +270,7 @@ class OptimizeLoss(Callback):
             metric_keys={entry.index: key for entry, key in zip(params, keys, strict=True)},
             on_nonfinite=self.on_nonfinite,
             histograms=fit.logging and "gradients" in self.summaries and mlflow,
+            spikes=self.skip_spikes,
         )
         fit.by_optimizer = {id(optimizer): entries for optimizer, entries in by_optimizer}
         for optimizer, _ in by_optimizer:
@@ -269,6 +291,7 @@ class OptimizeLoss(Callback):
             "seed": fit.seed,
             "update_ops": self.update_ops,
             "colocate_gradients_with_ops": self.colocate_gradients_with_ops,
+            "skip_spikes": self.skip_spikes,
         }
         fit.run_artifacts = run_records.start(trainer, self.name, settings, set(fit.by_optimizer), fit.logging)
 
@@ -298,6 +321,10 @@ class OptimizeLoss(Callback):
             fit.run_artifacts = None
 
     # ------------------------------------------------------------------ the step
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        if self.skip_spikes is not None and self.skip_spikes.watches_loss:
+            self._fit.step_loss.add(loss, self._fit.scaler)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
@@ -331,8 +358,12 @@ class OptimizeLoss(Callback):
             if monitor is None:
                 names = [entry.name for entry in entries]
                 monitor = self._fit.monitors[id(optimizer)] = NonFiniteMonitor(names, gradients.grads[0].device)
-        outcome = self._fit.pipeline.run(optimizer, gradients, step, logging, monitor)
-        if outcome.skip and self._fit.scaler is None:
+        spikes = self.skip_spikes
+        loss = self._fit.step_loss.take(_OWNER, spikes, self._fit.access) if spikes is not None else None
+        outcome = self._fit.pipeline.run(optimizer, gradients, step, logging, monitor, loss)
+        if outcome.spike is not None:
+            act_on_spike(_OWNER, outcome.spike, spikes, optimizer, step)
+        if outcome.skip and self._fit.scaler is None and outcome.nonfinite_names:
             self._handle_nonfinite(optimizer, step, outcome.nonfinite_names)
         self._fit.processed[id(optimizer)] = outcome
 
@@ -342,9 +373,7 @@ class OptimizeLoss(Callback):
             raise FloatingPointError(
                 f"{_OWNER}: non-finite gradients at global step {step} in {shown} (on_nonfinite='raise')."
             )
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                param.grad = None  # the optimizer then updates nothing: the step is skipped
+        skip_update(optimizer)
         rank_zero_warn(f"{_OWNER}: skipped the optimizer step at global step {step}: non-finite gradients in {shown}.")
 
     def _after_optimizer_step(self, key: int, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
@@ -383,6 +412,7 @@ class OptimizeLoss(Callback):
             self._complete_records(pl_module)
             if trainer.is_global_zero:
                 self._deliver(trainer)
+                self._log_skipped_steps(trainer)
         self._fit.ready.clear()
         self._fit.processed.clear()
         self._fit.stepped_in_batch = False
@@ -421,6 +451,14 @@ class OptimizeLoss(Callback):
         if trainer.is_global_zero:
             for monitor in self._fit.monitors.values():
                 self._warn_nonfinite(monitor, transfers.to_host(monitor.pending()))
+            self._log_skipped_steps(trainer)
+
+    def _log_skipped_steps(self, trainer: pl.Trainer) -> None:
+        if self.skip_spikes is not None:
+            fit = self._fit
+            fit.logged_skipped_steps = run_records.log_skipped_steps(
+                trainer, self.name, self.skip_spikes.skipped_steps, fit.logged_skipped_steps
+            )
 
     # ------------------------------------------------------------------ state
 
@@ -448,6 +486,8 @@ class OptimizeLoss(Callback):
         if clip_state:
             state["clip_gradients"] = clip_state
             state["clip_kind"] = checkpoint_state.clip_kind(self.clip_gradients)
+        if self.skip_spikes is not None:
+            state["skip_spikes"] = self.skip_spikes.state_dict()
         return state
 
     def on_load_checkpoint(
@@ -463,3 +503,5 @@ class OptimizeLoss(Callback):
             if self._fit.pipeline is not None and self._fit.pipeline.noise is not None:
                 self._fit.pipeline.noise.seed = self._fit.seed
         checkpoint_state.restore_clip(_OWNER, self.clip_gradients, state_dict)
+        if "skip_spikes" in state_dict and self.skip_spikes is not None:
+            self.skip_spikes.load_state_dict(state_dict["skip_spikes"])

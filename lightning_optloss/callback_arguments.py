@@ -17,6 +17,7 @@ from lightning_optloss.common import tags, validation
 from lightning_optloss.common.parameters import ParameterKey
 from lightning_optloss.gradients.clipping import GlobalNormClipping, GroupClipping
 from lightning_optloss.gradients.contract import ClipTransform, as_clip_transform
+from lightning_optloss.gradients.spikes import SpikeSkipping
 from lightning_optloss.pipeline import NoiseScale
 
 OWNER = "OptimizeLoss"
@@ -48,6 +49,12 @@ def check_multipliers(value: Any) -> dict[ParameterKey, float]:
         argument = f"gradient_multipliers[{key!r}]" if isinstance(key, str) else "gradient_multipliers[<param>]"
         checked[key] = validation.real(OWNER, argument, factor)
     return checked
+
+
+def check_skip_spikes(value: Any) -> SpikeSkipping | None:
+    if value is not None and not isinstance(value, SpikeSkipping):
+        raise validation.invalid(OWNER, "skip_spikes", "None or spike_skipping_fn(...)", value)
+    return value
 
 
 def check_clip(value: Any) -> ClipArgument | None:

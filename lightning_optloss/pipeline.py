@@ -1,9 +1,10 @@
 """One optimizer step of TF's ``optimize_loss`` on the gradients of some parameters.
 
 :class:`GradientPipeline` composes the transforms of :mod:`lightning_optloss.gradients` in TF's order
-(noise → multipliers → non-finite check → clipping) and builds the step's summaries; the callback decides
-when it runs, with which global step, and where the summaries go. Nothing here copies to the host, except
-``on_nonfinite="skip"`` / ``"raise"``, which must know before the update whether the gradients are finite.
+(noise → multipliers → non-finite check → spike check → clipping) and builds the step's summaries; the callback
+decides when it runs, with which global step, and where the summaries go. Nothing here copies to the host,
+except ``on_nonfinite="skip"`` / ``"raise"`` and ``skip_spikes``, which must know before the update whether
+it is to be applied.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -25,6 +27,7 @@ from lightning_optloss.gradients.contract import ClipTransform, Layout
 from lightning_optloss.gradients.multipliers import multiply_
 from lightning_optloss.gradients.noise import GradientNoise
 from lightning_optloss.gradients.norms import AllReduceSum, global_norm, parameter_norms
+from lightning_optloss.gradients.spikes import SpikeDecision, SpikeSkipping
 from lightning_optloss.summaries import SummaryRecord
 
 NoiseScale = float | Callable[[int], float]
@@ -74,6 +77,46 @@ class StepOutcome:
     record: SummaryRecord | None
     skip: bool = False
     nonfinite_names: list[str] = field(default_factory=list)
+    spike: SpikeDecision | None = None  # with skip_spikes, once the gradients are finite
+
+
+def skip_update(optimizer: Optimizer) -> None:
+    """Skip ``optimizer``'s coming step: without gradients it updates nothing (``on_nonfinite="skip"``'s way)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param.grad = None
+
+
+def act_on_spike(owner: str, decision: SpikeDecision, skipping: SpikeSkipping, optimizer: Optimizer, step: int) -> None:
+    """Skip the step of a skipped spike; warn (rank 0) about a skipped or a released one."""
+    if decision.skip:
+        skip_update(optimizer)
+    message = decision.describe(owner, skipping.watch, step, skipping.max_consecutive)
+    if message:
+        rank_zero_warn(message)
+
+
+class StepLoss:
+    """The loss of one optimizer step for ``skip_spikes(watch="loss")``: the sum of the micro-batches' losses as
+    ``on_before_backward`` sees them (already divided by ``accumulate_grad_batches``)."""
+
+    def __init__(self) -> None:
+        self.value: Tensor | None = None
+
+    def add(self, loss: Tensor, scaler: torch.amp.GradScaler | None) -> None:
+        loss = loss.detach().float()
+        if scaler is not None:  # float16 AMP hands over the loss times the GradScaler's scale
+            loss = loss / scaler._get_scale_async()
+        self.value = loss if self.value is None else self.value + loss
+
+    def take(self, owner: str, skipping: SpikeSkipping, access: Any) -> Tensor | None:
+        """The step's loss averaged over replicas (a collective) when ``skipping`` watches it, else None; resets."""
+        if not skipping.watches_loss:
+            return None
+        if self.value is None:
+            raise RuntimeError(f"{owner}: skip_spikes watches the loss, but no backward pass reported one this step.")
+        loss, self.value = self.value, None
+        return access.mean_over_replicas(loss)
 
 
 class NonFiniteMonitor:
@@ -135,6 +178,7 @@ class GradientPipeline:
         metric_keys: ``{parameter index: metric-safe parameter name}``.
         on_nonfinite: ``"warn"``, ``"skip"`` or ``"raise"``.
         histograms: Whether logged steps with the ``gradients`` summary also carry gradient histograms.
+        spikes: Skips steps on spikes of the global norm or the loss (after multipliers, before clipping).
     """
 
     def __init__(
@@ -150,6 +194,7 @@ class GradientPipeline:
         metric_keys: dict[int, str],
         on_nonfinite: str,
         histograms: bool = False,
+        spikes: SpikeSkipping | None = None,
     ) -> None:
         self.name = name
         self.noise = noise
@@ -164,6 +209,7 @@ class GradientPipeline:
         self.clip_keywords = frozenset() if clip is None else clip.keywords
         self.global_norms_logged = "global_gradient_norm" in self.summaries or "gradient_norm" in self.summaries
         self.histograms = histograms
+        self.spikes = spikes
 
     def gather(self, entries: list[NamedParameter]) -> StepGradients:
         """The gradients of ``entries`` that exist, as local tensors, or an error if none does."""
@@ -200,10 +246,12 @@ class GradientPipeline:
         step: int,
         logging: bool,
         monitor: NonFiniteMonitor | None,
+        loss: Tensor | None = None,
     ) -> StepOutcome:
         """Process one step's gradients in place; return its summaries when ``logging``.
 
-        ``monitor`` (``on_nonfinite="warn"``) observes the per-parameter norms of every step.
+        ``monitor`` (``on_nonfinite="warn"``) observes the per-parameter norms of every step. ``loss`` (the
+        step's loss, the same on every replica) is what ``spikes`` judges when it watches the loss.
         """
         grads = gradients.grads
         scale = self.current_noise_scale(step) if self.noise is not None else 0.0
@@ -226,6 +274,16 @@ class GradientPipeline:
                 return outcome
         elif monitor is not None:
             monitor.observe(step, ~torch.isfinite(norms), gradients.positions)
+        if self.spikes is not None:
+            watched = [global_norm(norms) if name == "global_norm" else loss for name in self.spikes.watch]
+            values = torch.stack([value.reshape(()).to(norms) for value in watched])
+            outcome.spike = self.spikes.decide(values, step)
+            if outcome.spike.skip:
+                outcome.skip = True
+                return outcome
+            if outcome.record is not None:
+                for tag, value in self.spikes.summaries().items():
+                    outcome.record.add(tag, value)
         if outcome.record is not None:
             self._record_before_clipping(outcome.record, optimizer, norms, scale)
         norms = self._clip(gradients, norms, step, sum_over_shards, multipliers if fused else None)

@@ -19,6 +19,10 @@ CLIPPED_GLOBAL_NORM = "global_norm/clipped_gradient_norm"
 ADAPTIVE_MAX_NORM = "global_norm/adaptive_max_gradient_norm"
 AUTOCLIP_THRESHOLD = "global_norm/autoclip_threshold"
 AGC_CLIPPED_FRACTION = "clip/agc_clipped_fraction"
+SPIKE_THRESHOLD = "spike/threshold"
+SPIKE_SKIPPED = "spike/skipped"
+SPIKE_SKIPPED_STEPS = "spike/skipped_steps"
+"""A run tag (not a metric): the last global steps ``skip_spikes`` skipped, comma-separated."""
 GRADIENT_STATISTICS = ("mean", "std", "min", "max", "norm")
 """The statistics logged per parameter for the ``gradients`` summary, in this order."""
 
@@ -51,6 +55,15 @@ def gradient_statistic(key: str, statistic: str) -> str:
 def group_norm(key: str, clipped: bool = False) -> str:
     """The tag of a clip group's global norm, before (or, ``clipped``, after) clipping; ``key`` of its glob."""
     return f"global_norm/{key}/{'clipped_gradient_norm' if clipped else 'gradient_norm'}"
+
+
+def spike_threshold(watch: str) -> str:
+    """The tag of one watched value's spike threshold when ``skip_spikes`` watches two values.
+
+    >>> spike_threshold("loss")
+    'spike/loss/threshold'
+    """
+    return f"spike/{watch}/threshold"
 
 
 def metric_key(name: str) -> str:

@@ -149,9 +149,12 @@ class GradientAccess:
         """The number of elements of each whole parameter (local shards count as their parameter)."""
         return [param.numel() for param in params]
 
-    def check(self, owner: str, trainer: pl.Trainer, clip: ClipTransform | None, on_nonfinite: str) -> None:
+    def check(
+        self, owner: str, trainer: pl.Trainer, clip: ClipTransform | None, on_nonfinite: str, skip_spikes: bool = False
+    ) -> None:
         """At ``setup``: raise ``ValueError`` for what this strategy cannot combine with OptimizeLoss (a clip
-        that ``needs_whole_rows`` where rows are split, ...), warn about what it does differently."""
+        that ``needs_whole_rows`` where rows are split, ...), warn about what it does differently.
+        ``skip_spikes``: whether steps are skipped on spikes."""
         if clip is not None and clip.needs_whole_rows and not self.keeps_rows_whole:
             raise ValueError(
                 f"{owner}: clip_gradients={validation.show(clip)} clips rows of parameters, which "
@@ -391,8 +394,10 @@ class DeepSpeedGradientAccess(ShardedGradientAccess):
         self.params_final_after_step = False
         self._engine: Any = None
 
-    def check(self, owner: str, trainer: pl.Trainer, clip: ClipTransform | None, on_nonfinite: str) -> None:
-        super().check(owner, trainer, clip, on_nonfinite)
+    def check(
+        self, owner: str, trainer: pl.Trainer, clip: ClipTransform | None, on_nonfinite: str, skip_spikes: bool = False
+    ) -> None:
+        super().check(owner, trainer, clip, on_nonfinite, skip_spikes)
         precision = str(trainer.precision_plugin.precision)
         if precision.startswith("16") or self.strategy.config.get("fp16", {}).get("enabled"):
             raise ValueError(
@@ -404,6 +409,11 @@ class DeepSpeedGradientAccess(ShardedGradientAccess):
             raise ValueError(
                 f"{owner}: on_nonfinite='skip' cannot skip DeepSpeed's step (it runs inside the engine); use "
                 "on_nonfinite='warn' or 'raise' with DeepSpeed."
+            )
+        if skip_spikes:
+            raise ValueError(
+                f"{owner}: skip_spikes cannot skip DeepSpeed's step (it runs inside the engine); leave it unset "
+                "with DeepSpeed, or use DDP or FSDP2."
             )
         if clip is not None and self.strategy.config.get("gradient_clipping"):
             raise ValueError(

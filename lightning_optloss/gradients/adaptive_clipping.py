@@ -16,6 +16,34 @@ from lightning_optloss.gradients.contract import ClipBase, GradsAndVars
 _OWNER = "adaptive_clipping_fn"
 
 
+def one_minus_decay(decay: float, count: int | None = None) -> float:
+    """``1 - decay`` in float32, as TF computes it; with ``count`` (TF's step-aware form, ``n`` values seen so
+    far) ``1 - min(decay, n / (n + 1))``, which makes the first averages plain means of the values seen."""
+    if count is None:
+        return float(np.float32(1.0 - decay))
+    n = np.float32(count)
+    return float(np.float32(1.0) - min(np.float32(decay), n / (n + np.float32(1.0))))
+
+
+def update_log_moments(
+    mean: Tensor, sq_mean: Tensor, log_value: Tensor, one_minus_decay: float
+) -> tuple[Tensor, Tensor]:
+    """TF's moving averages of ``log_value`` and its square, ``v - (v - x) * (1 - decay)``, elementwise.
+
+    A non-finite ``log_value`` leaves its averages as they were.
+    """
+    finite = torch.isfinite(log_value)
+    mean = torch.where(finite, mean - (mean - log_value) * one_minus_decay, mean)
+    sq_mean = torch.where(finite, sq_mean - (sq_mean - log_value.square()) * one_minus_decay, sq_mean)
+    return mean, sq_mean
+
+
+def log_moments_threshold(mean: Tensor, sq_mean: Tensor, std_factor: float, epsilon: float) -> Tensor:
+    """``exp(mean + std_factor * std)`` with ``std = sqrt(max(epsilon, sq_mean - mean**2))``: TF's ``max_norm``."""
+    std = torch.sqrt(torch.clamp(sq_mean - mean.square(), min=epsilon))
+    return torch.exp(mean + std_factor * std)
+
+
 class AdaptiveClipping(ClipBase):
     """Clip the global gradient norm against moving statistics of its logarithm.
 
@@ -65,15 +93,13 @@ class AdaptiveClipping(ClipBase):
     def one_minus_decay(self, global_step: int | None) -> float:
         """``1 - decay`` in float32, with TF's ``min(decay, n / (n + 1))`` when step-aware."""
         if not self.step_aware:
-            return float(np.float32(1.0 - self.decay))
+            return one_minus_decay(self.decay)
         if global_step is None:
             raise ValueError(
                 f"{_OWNER}(global_step=...) is step-aware and needs the `global_step` keyword; "
                 "OptimizeLoss passes it, a direct caller must too."
             )
-        n = np.float32(global_step)
-        decay = min(np.float32(self.decay), n / (n + np.float32(1.0)))
-        return float(np.float32(1.0) - decay)
+        return one_minus_decay(self.decay, global_step)
 
     def __call__(
         self,
@@ -93,12 +119,9 @@ class AdaptiveClipping(ClipBase):
     def _update(self, norm: Tensor, one_minus_decay: float) -> Tensor:
         mean, sq_mean = self.mean.to(norm.device), self.sq_mean.to(norm.device)
         log_norm = torch.log(norm + self.epsilon)
-        finite = torch.isfinite(log_norm)
-        mean = torch.where(finite, mean - (mean - log_norm) * one_minus_decay, mean)
-        sq_mean = torch.where(finite, sq_mean - (sq_mean - log_norm.square()) * one_minus_decay, sq_mean)
+        mean, sq_mean = update_log_moments(mean, sq_mean, log_norm, one_minus_decay)
         self.mean, self.sq_mean = mean, sq_mean
-        std = torch.sqrt(torch.clamp(sq_mean - mean.square(), min=self.epsilon))
-        max_norm = torch.exp(mean + self.std_factor * std)
+        max_norm = log_moments_threshold(mean, sq_mean, self.std_factor, self.epsilon)
         factor = torch.where(norm < max_norm, torch.ones_like(norm), torch.exp(mean) / norm)
         if self.static_max_norm is not None:
             factor = torch.minimum(self.static_max_norm / norm, factor)

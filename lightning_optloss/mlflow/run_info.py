@@ -29,6 +29,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim import Optimizer
 
+from lightning_optloss.common import tags
 from lightning_optloss.gradients.adaptive_clipping import AdaptiveClipping
 from lightning_optloss.mlflow import io as mlflow_io
 from lightning_optloss.tf.configure import LearningRateDecay
@@ -88,9 +89,12 @@ def callback_configuration(
     update_ops: Sequence[Callable[[], Any]],
     colocate_gradients_with_ops: bool,
     histogram_bins: int,
+    skip_spikes: Any = None,
 ) -> dict[str, Any]:
-    """The callback's arguments as resolved at fit start (parameter names, the seed drawn), unprefixed."""
+    """The callback's arguments as resolved at fit start (parameter names, the seed drawn), unprefixed;
+    ``skip_spikes`` only when it is set."""
     plain_clip = clip_gradients is None or isinstance(clip_gradients, (float, dict))
+    spikes = {} if skip_spikes is None else {"skip_spikes": repr(skip_spikes)}
     return {
         "name": name,
         "gradient_noise_scale": _plain(gradient_noise_scale),
@@ -104,6 +108,7 @@ def callback_configuration(
         "update_ops": [describe_callable(op) for op in update_ops] or None,
         "colocate_gradients_with_ops": colocate_gradients_with_ops,
         "histogram_bins": histogram_bins if "gradients" in summaries else None,
+        **spikes,
     }
 
 
@@ -265,3 +270,14 @@ def log_run_configuration(
         except Exception as error:  # the run's metadata must not stop a training
             rank_zero_warn(f"OptimizeLoss: could not log the run configuration to MLflow: {error!r}")
     return params
+
+
+def log_skipped_steps(loggers: Iterable[Logger], name: str, steps: Sequence[int]) -> None:
+    """Set the tag ``<name>/spike/skipped_steps`` (the last global steps skip_spikes skipped, comma-separated)
+    on every MLflow logger's run. A failure is a warning: it never stops training."""
+    for logger in mlflow_io.mlflow_loggers(loggers):
+        try:
+            tag = {tags.metric(name, tags.SPIKE_SKIPPED_STEPS): ", ".join(map(str, steps))}
+            mlflow_io.log_params_and_tags(logger, {}, tag)
+        except Exception as error:
+            rank_zero_warn(f"OptimizeLoss: could not tag the skipped steps in MLflow: {error!r}")

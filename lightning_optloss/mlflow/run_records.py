@@ -43,3 +43,11 @@ def start(
     configuration.update(run_info.optimizer_configuration(optimizers, trainer.lr_scheduler_configs, numbered))
     run_info.log_run_configuration(trainer.loggers, configuration, run_info.run_tags(trainer), name)
     return artifacts.RunArtifacts(trainer.loggers, name) if logging else None
+
+
+def log_skipped_steps(trainer: pl.Trainer, name: str, steps: list[int], logged: list[int]) -> list[int]:
+    """Rank 0: tag ``<name>/spike/skipped_steps`` on every MLflow run when ``steps`` (the last steps
+    ``skip_spikes`` skipped) differ from ``logged``, the steps tagged before; returns the steps tagged now."""
+    if steps != logged:
+        run_info.log_skipped_steps(trainer.loggers, name, steps)
+    return list(steps)

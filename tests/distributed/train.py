@@ -30,7 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cpu_fsdp import CPUFSDPStrategy
 from support import LossScaledAt, TinyRegression, metric_values, regression_data
 
-from lightning_optloss import OptimizeLoss, adaptive_clipping_fn, agc_clipping_fn, annealed_noise_scale, autoclip_fn
+from lightning_optloss import (
+    OptimizeLoss,
+    adaptive_clipping_fn,
+    agc_clipping_fn,
+    annealed_noise_scale,
+    autoclip_fn,
+    spike_skipping_fn,
+)
 from lightning_optloss.tf import decay
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -39,11 +46,19 @@ warnings.filterwarnings("ignore")
 warnings.filterwarnings("default", message="OptimizeLoss")  # the tests read what OptimizeLoss says
 
 
-class ShardedRegression(TinyRegression):
-    """TinyRegression whose parameters FSDP2 shards over the data-parallel mesh."""
+class Sharded(pl.LightningModule):
+    """A module whose parameters FSDP2 shards over the data-parallel mesh."""
 
     def configure_model(self) -> None:
         fully_shard(self, mesh=self.device_mesh["data_parallel"])
+
+
+class ShardedRegression(Sharded, TinyRegression):
+    """TinyRegression, sharded by FSDP2."""
+
+
+class ShardedLossScaledAt(Sharded, LossScaledAt):
+    """LossScaledAt, sharded by FSDP2."""
 
 
 def clip_from(spec: Any) -> Any:
@@ -123,6 +138,7 @@ def main(config: dict[str, Any], out: Path) -> None:
         clip_gradients=clip_from(config.get("clip")),
         summaries=["loss", "learning_rate", "gradients", "gradient_norm", "global_gradient_norm"],
         seed=config.get("seed", 7),
+        skip_spikes=spike_skipping_fn(**config["skip_spikes"]) if config.get("skip_spikes") else None,
     )
     options = {
         "optimizer": config.get("optimizer", "Adam"),
@@ -131,6 +147,10 @@ def main(config: dict[str, Any], out: Path) -> None:
     }
     if config.get("loss_factor"):  # every batch's loss multiplied by it
         model = LossScaledAt(set(range(256)), config["loss_factor"], **options)
+    elif config.get("spike_batches"):  # these batches' losses times 1e3 (corrupt batches)
+        model = (ShardedLossScaledAt if strategy == "fsdp2" else LossScaledAt)(
+            set(config["spike_batches"]), 1e3, **options
+        )
     else:
         model = (ShardedRegression if strategy == "fsdp2" else TinyRegression)(**options)
     callbacks: list[pl.Callback] = [callback, SaveResults(out)]
