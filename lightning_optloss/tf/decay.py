@@ -36,15 +36,35 @@ few of these boundaries: there ``polynomial_decay`` with ``decay_steps=7, cycle=
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import math
-import random
-import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from lightning_optloss.common import validation
+from lightning_optloss.tf.schedule_math import (
+    _FROM_C_LIBRARY as _FROM_C_LIBRARY,
+)
+from lightning_optloss.tf.schedule_math import (
+    _PI,
+    _cos,
+    _cosine,
+    _decay_arguments,
+    _exp,
+    _exponent,
+    _f32,
+    _flag,
+    _pow32,
+    _ratio,
+    _reciprocal,
+    _restart,
+    _standard_normal,
+    _start,
+    _steps,
+)
+
+# Beyond TF, in their own module and reachable here too (``_linear_warmup`` for pickles made before the split).
+from lightning_optloss.tf.warmup import _linear_warmup as _linear_warmup
+from lightning_optloss.tf.warmup import linear_warmup, warmup_cosine_decay
 
 __all__ = [
     "cosine_decay",
@@ -59,101 +79,6 @@ __all__ = [
     "polynomial_decay",
     "warmup_cosine_decay",
 ]
-
-_FLOAT32 = struct.Struct("<f")
-_TINY = 2.0**-126  # the smallest normal float32
-
-
-def _f32(value: float) -> float:
-    """``value`` rounded to the nearest float32 (what TF holds in a float32 tensor), subnormals to 0.
-
-    Rounding the float64 result of ``+ - * /`` or ``sqrt`` of float32 operands gives exactly the float32
-    operation's result (53 >= 2 * 24 + 2 bits). For ``pow`` it gives the correctly rounded value, which
-    TF's ``Pow`` kernel returns but for about one case in a hundred (then one ulp apart).
-    """
-    try:
-        rounded = _FLOAT32.unpack(_FLOAT32.pack(value))[0]
-    except OverflowError:  # beyond float32's range: TF's float32 would be infinite
-        return math.copysign(math.inf, value)
-    # TF's CPU kernels flush subnormal results to zero.
-    return rounded if not -_TINY < rounded < _TINY else 0.0
-
-
-def _pow32(base: float, exponent: float) -> float:
-    """float32 ``base ** exponent`` (both >= 0); infinite where float64 overflows, as float32 would."""
-    try:
-        return _f32(base**exponent)
-    except OverflowError:
-        return math.inf
-
-
-_PI = _f32(math.pi)  # TF's constant_op.constant(math.pi) is float32
-
-
-def _c_float_function(name: str) -> Any:
-    """The C library's float32 function ``name`` (``cosf``...) through ctypes, or None where there is none.
-
-    TF's CPU kernels compute ``cos``, ``log`` and ``exp`` of a float32 scalar with these very functions
-    (glibc's, on Linux: checked bit for bit), which are within an ulp of the correctly rounded value but not
-    always equal to it; near the end of a cosine, ``1 + cos`` turns that ulp into 1e-4 relative and more.
-    """
-    try:
-        function = getattr(ctypes.CDLL(None), name)
-    except (OSError, TypeError, AttributeError):  # no C library to ask (e.g. Windows): use math
-        return None
-    function.restype = ctypes.c_float
-    function.argtypes = [ctypes.c_float]
-    return function
-
-
-def _fallback(function: Any) -> Any:
-    return lambda value: _f32(function(value))
-
-
-_C_FUNCTIONS = [_c_float_function(name) for name in ("cosf", "logf", "expf")]
-_FROM_C_LIBRARY = all(function is not None for function in _C_FUNCTIONS)  # else all from math
-_cos, _log, _exp = _C_FUNCTIONS if _FROM_C_LIBRARY else map(_fallback, (math.cos, math.log, math.exp))
-
-_MAX_STEP = 2**63 - 1  # TF's global step is an int64
-_STEP_ACCEPTED = f"an integer in [0, {_MAX_STEP}] (a Python int or a numpy/torch integer scalar)"
-
-
-def _global_step(owner: str, value: Any) -> int:
-    """The global step as an int: TF's "required" error for None, then an integer >= 0."""
-    if value is None:
-        raise ValueError(f"global_step is required for {owner}.")
-    step = validation.as_integer(value)
-    if step is None or not 0 <= step <= _MAX_STEP:
-        raise validation.invalid(owner, "global_step", _STEP_ACCEPTED, value)
-    return step
-
-
-def _learning_rate(owner: str, value: Any) -> float:
-    return validation.real(owner, "learning_rate", value, minimum=0.0)
-
-
-def _steps(owner: str, argument: str, value: Any) -> float:
-    return validation.real(owner, argument, value, minimum=0.0, strictly=True)
-
-
-def _flag(owner: str, argument: str, value: Any) -> bool:
-    return validation.boolean(owner, argument, value)
-
-
-def _reciprocal(steps: float) -> float:
-    """``1 / decay_steps`` in float32: TF1's graph optimizer makes ``x / constant`` ``x * (1 / constant)``."""
-    return _f32(1.0 / _f32(steps))
-
-
-def _ratio(step: int, steps: float) -> float:
-    """``global_step / decay_steps`` as TF1 computes it: ``float32(global_step) * float32(1 / decay_steps)``.
-
-    TF's graph optimizer (grappler) rewrites the division by the constant ``decay_steps`` into a
-    multiplication by its float32 reciprocal, which is not exact: for ``decay_steps=7``, step 21 gives
-    ``3.0000002``, so ``ceil`` is 4 there. Staircase ``floor`` and cycle ``ceil`` are taken of this value
-    rather than of an exact integer division so that every boundary falls where TF's does.
-    """
-    return _f32(_f32(step) * _reciprocal(steps))
 
 
 def exponential_decay(
@@ -202,14 +127,8 @@ def exponential_decay(
         0.02500000037252903
     """
     owner = "exponential_decay"
-    step = _global_step(owner, global_step)
-    lr = _f32(_learning_rate(owner, learning_rate))
-    steps = _steps(owner, "decay_steps", decay_steps)
-    rate = _f32(validation.real(owner, "decay_rate", decay_rate, minimum=0.0))
-    p = _ratio(step, steps)
-    if _flag(owner, "staircase", staircase):
-        p = math.floor(p)
-    return _f32(lr * _pow32(rate, p))
+    step, lr, steps, rate = _decay_arguments(owner, learning_rate, global_step, decay_steps, decay_rate)
+    return _f32(lr * _pow32(rate, _exponent(owner, step, steps, staircase)))
 
 
 def piecewise_constant(
@@ -326,8 +245,7 @@ def polynomial_decay(
         0.054999999701976776
     """
     owner = "polynomial_decay"
-    step = _global_step(owner, global_step)
-    lr = _f32(_learning_rate(owner, learning_rate))
+    step, lr = _start(owner, learning_rate, global_step)
     steps = _f32(_steps(owner, "decay_steps", decay_steps))
     end = _f32(validation.real(owner, "end_learning_rate", end_learning_rate, minimum=0.0))
     exponent = _f32(validation.real(owner, "power", power, minimum=0.0))
@@ -381,15 +299,9 @@ def natural_exp_decay(
         ValueError: if ``global_step`` is None, or an argument is out of range.
     """
     owner = "natural_exp_decay"
-    step = _global_step(owner, global_step)
-    lr = _f32(_learning_rate(owner, learning_rate))
-    steps = _steps(owner, "decay_steps", decay_steps)
-    rate = _f32(validation.real(owner, "decay_rate", decay_rate, minimum=0.0))
+    step, lr, steps, rate = _decay_arguments(owner, learning_rate, global_step, decay_steps, decay_rate)
     base = _f32(_exp(-rate))
-    p = _ratio(step, steps)
-    if _flag(owner, "staircase", staircase):
-        p = math.floor(p)
-    return _f32(lr * _pow32(base, p))
+    return _f32(lr * _pow32(base, _exponent(owner, step, steps, staircase)))
 
 
 def inverse_time_decay(
@@ -425,10 +337,7 @@ def inverse_time_decay(
         ValueError: if ``global_step`` is None, or an argument is out of range.
     """
     owner = "inverse_time_decay"
-    step = _global_step(owner, global_step)
-    lr = _f32(_learning_rate(owner, learning_rate))
-    steps = _steps(owner, "decay_steps", decay_steps)
-    rate = _f32(validation.real(owner, "decay_rate", decay_rate, minimum=0.0))
+    step, lr, steps, rate = _decay_arguments(owner, learning_rate, global_step, decay_steps, decay_rate)
     if _flag(owner, "staircase", staircase):
         scaled = _f32(rate * math.floor(_ratio(step, steps)))
     else:  # rate * (step * (1 / decay_steps)), the constants multiplied first by grappler
@@ -475,44 +384,10 @@ def cosine_decay(
         https://openreview.net/forum?id=Skq89Scxx
     """
     owner = "cosine_decay"
-    step = _global_step(owner, global_step)
-    lr = _f32(_learning_rate(owner, learning_rate))
+    step, lr = _start(owner, learning_rate, global_step)
     steps = _f32(_steps(owner, "decay_steps", decay_steps))
     minimum = validation.real(owner, "alpha", alpha, minimum=0.0, maximum=1.0)
-    # As TF1's optimized graph: pi * (step / decay_steps) is step * float32(pi * (1 / decay_steps)), and
-    # (1 - alpha) * (0.5 * (1 + cos)) is (1 + cos) * float32((1 - alpha) * 0.5). TF's CosineDecay keeps
-    # alpha a Python number, so 1 - alpha is computed in float64 and rounded once.
-    angle = _f32(min(_f32(step), steps) * _f32(_PI * _reciprocal(steps)))
-    half = _f32(_f32(1.0 - minimum) * 0.5)
-    decayed = _f32(_f32(minimum) + _f32(_f32(_f32(_cos(angle)) + 1.0) * half))
-    return _f32(lr * decayed)
-
-
-def _restart(owner: str, step: int, fraction: float, first_steps: float, t_mul: float) -> tuple[int, float]:
-    """TF's restart index ``i`` and the fraction completed of restart ``i``, in float32 as TF."""
-    if t_mul == 1.0:
-        index = math.floor(fraction)
-        return index, _f32(fraction - index)
-    # The restart index comes from float32 logarithms, as in TF: a float64 log would put some exact
-    # restart steps (1 + cf * (t_mul - 1) a power of t_mul) in the previous period, e.g. log(243)/log(3)
-    # is 4.999999999999999 in float64 but 5 in float32, where TF restarts.
-    shrink = _f32(1.0 - t_mul)
-    argument = _f32(1.0 - _f32(fraction * shrink))
-    if argument <= 0.0:
-        # Only for t_mul < 1: the periods shrink geometrically and all of them together last
-        # first_decay_steps / (1 - t_mul) steps; TF returns NaN from there on.
-        end = first_steps / (1.0 - t_mul)
-        raise validation.invalid(
-            owner,
-            "global_step",
-            f"< first_decay_steps / (1 - t_mul) = {end:g} when t_mul < 1 (all restarts are over there; TF returns NaN)",
-            step,
-        )
-    # The divisions by the constants log(t_mul) and 1 - t_mul are multiplications by float32 reciprocals.
-    index = math.floor(_f32(_f32(_log(argument)) * _f32(1.0 / _f32(_log(t_mul)))))
-    scale = _pow32(t_mul, index)
-    done = _f32(_f32(1.0 - scale) * _f32(1.0 / shrink))
-    return index, _f32(_f32(fraction - done) / scale)
+    return _cosine(lr, step, steps, minimum)
 
 
 def cosine_decay_restarts(
@@ -559,8 +434,7 @@ def cosine_decay_restarts(
         https://openreview.net/forum?id=Skq89Scxx
     """
     owner = "cosine_decay_restarts"
-    step = _global_step(owner, global_step)
-    lr = _f32(_learning_rate(owner, learning_rate))
+    step, lr = _start(owner, learning_rate, global_step)
     first_steps = _steps(owner, "first_decay_steps", first_decay_steps)
     t_mul = _f32(validation.real(owner, "t_mul", t_mul, minimum=0.0, strictly=True))
     if not 0.0 < t_mul < math.inf:  # beyond float32's range
@@ -586,8 +460,7 @@ def _linear_cosine(
     noise: tuple[Any, Any, Any] | None,
 ) -> float:
     """linear_cosine_decay, and noisy_linear_cosine_decay when ``noise`` is (variance, decay, seed)."""
-    step = _global_step(owner, global_step)
-    lr = _f32(_learning_rate(owner, learning_rate))
+    step, lr = _start(owner, learning_rate, global_step)
     steps = _f32(_steps(owner, "decay_steps", decay_steps))
     periods = _f32(validation.real(owner, "num_periods", num_periods, minimum=0.0))
     alpha = _f32(validation.real(owner, "alpha", alpha, minimum=0.0))
@@ -653,23 +526,6 @@ def linear_cosine_decay(
     return _linear_cosine(
         "linear_cosine_decay", learning_rate, global_step, decay_steps, num_periods, alpha, beta, None
     )
-
-
-def _standard_normal(seed: int, step: int) -> float:
-    """A standard normal draw that depends only on ``(seed, step)``: same in every process and Python run.
-
-    ``(seed, step)`` is mapped one-to-one to a natural number (zigzag for the sign of ``seed``, then
-    Cantor's pairing), which seeds a :class:`random.Random`; Box-Muller turns its first two ``random()``
-    draws into the normal. Python guarantees ``random()``'s sequence for a given int seed across versions
-    (unlike ``gauss``), and nothing here depends on ``hash()``. (Box-Muller's ``log`` and ``cos`` are the
-    platform's float64 ones; the float32 noise they lead to is the same wherever those are within an ulp.)
-    """
-    natural = 2 * seed if seed >= 0 else -2 * seed - 1
-    key = (natural + step) * (natural + step + 1) // 2 + step
-    generator = random.Random(key)
-    u1 = generator.random()
-    u2 = generator.random()
-    return math.sqrt(-2.0 * math.log(1.0 - u1)) * math.cos(2.0 * math.pi * u2)
 
 
 def noisy_linear_cosine_decay(
@@ -738,130 +594,3 @@ def noisy_linear_cosine_decay(
         beta,
         (initial_variance, variance_decay, seed),
     )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Beyond TF: linear warmup (not in TF1; the convention of Hugging Face's get_*_schedule_with_warmup)
-# ---------------------------------------------------------------------------------------------------------
-
-_WARMUP_ACCEPTED = "an integer >= 0 (a Python int or a numpy/torch integer scalar)"
-
-
-def _warmup_steps(owner: str, value: Any) -> int:
-    steps = validation.as_integer(value)
-    if steps is None or not 0 <= steps <= _MAX_STEP:
-        raise validation.invalid(owner, "warmup_steps", _WARMUP_ACCEPTED, value)
-    return steps
-
-
-def _ramp(peak: float, step: int, warmup_steps: int) -> float:
-    """``peak * step / warmup_steps`` rounded once to float32 (float64 holds ``step / warmup_steps`` well)."""
-    return _f32(peak * (step / warmup_steps))
-
-
-def _linear_warmup(
-    learning_rate: float, global_step: int, schedule: Callable[[float, int], float], warmup_steps: int
-) -> float:
-    step = _global_step("linear_warmup", global_step)
-    if step < warmup_steps:
-        return _ramp(float(schedule(learning_rate, 0)), step, warmup_steps)
-    return float(schedule(learning_rate, step - warmup_steps))
-
-
-def linear_warmup(schedule: Callable[[float, int], float], warmup_steps: int) -> Callable[[float, int], float]:
-    """``schedule`` preceded by a linear warmup of ``warmup_steps`` steps: a ``learning_rate_decay_fn``.
-
-    Hugging Face's convention (``get_linear_schedule_with_warmup``, ``get_cosine_schedule_with_warmup``...)::
-
-        rate(step) = schedule(lr, 0) * step / warmup_steps     if step < warmup_steps
-        rate(step) = schedule(lr, step - warmup_steps)         otherwise
-
-    so the rate is 0 at step 0 (the first update does not move the weights), rises by equal increments, and
-    reaches ``schedule(lr, 0)`` at step ``warmup_steps``, where ``schedule`` starts, delayed by the warmup.
-    Hugging Face ramps to ``lr`` itself; every schedule of this module but the noisy one has
-    ``schedule(lr, 0) == lr``, so the two agree, and ramping to ``schedule(lr, 0)`` is continuous for any.
-    ``warmup_steps=0`` is ``schedule`` unchanged. Warmup values are float32, as the schedules'.
-
-    Args:
-        schedule: A decay function ``(learning_rate, global_step) -> float``, e.g. a ``functools.partial``
-            of one of this module's schedules. It must pickle for ``ddp_spawn`` (a lambda does not).
-        warmup_steps: The number of warmup steps, an integer >= 0.
-
-    Returns:
-        A ``functools.partial`` of a module-level function (it pickles when ``schedule`` does):
-        ``fn(learning_rate, global_step) -> float``.
-
-    Examples:
-        >>> import functools
-        >>> from lightning_optloss import decay
-        >>> halving = functools.partial(decay.exponential_decay, decay_steps=1000, decay_rate=0.5)
-        >>> schedule = decay.linear_warmup(halving, warmup_steps=100)
-        >>> [round(schedule(0.1, step), 6) for step in (0, 50, 100, 1100)]  # 0, half, the peak, one half-life later
-        [0.0, 0.05, 0.1, 0.05]
-
-    References:
-        Goyal et al., "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour", 2017, section 2.2,
-        https://arxiv.org/abs/1706.02677; ``transformers.optimization`` (Hugging Face) for the convention.
-    """
-    owner = "linear_warmup"
-    if not callable(schedule):
-        raise validation.invalid(owner, "schedule", "a decay function (learning_rate, global_step) -> float", schedule)
-    return functools.partial(_linear_warmup, schedule=schedule, warmup_steps=_warmup_steps(owner, warmup_steps))
-
-
-def warmup_cosine_decay(
-    learning_rate: float,
-    global_step: int,
-    warmup_steps: int,
-    decay_steps: float,
-    alpha: float = 0.0,
-    name: str | None = None,
-) -> float:
-    """Linear warmup over ``warmup_steps``, then :func:`cosine_decay` over ``decay_steps``.
-
-    ::
-
-        rate(step) = learning_rate * step / warmup_steps                          if step < warmup_steps
-        rate(step) = cosine_decay(learning_rate, step - warmup_steps, decay_steps, alpha)   otherwise
-
-    With ``alpha=0`` and ``decay_steps = num_training_steps - warmup_steps`` this is Hugging Face's
-    ``get_cosine_schedule_with_warmup`` up to ``num_training_steps``; after that Hugging Face's cosine
-    rises again while this one stays at ``alpha * learning_rate`` (TF's ``cosine_decay`` stops at
-    ``decay_steps``). The same as ``linear_warmup(partial(cosine_decay, decay_steps=..., alpha=...),
-    warmup_steps)``, with TF's signature style.
-
-    Args:
-        learning_rate: The peak learning rate, a finite number >= 0.
-        global_step: The global step, an integer >= 0 (a Python int or a numpy/torch integer scalar).
-        warmup_steps: The number of warmup steps, an integer >= 0.
-        decay_steps: A number > 0: the number of steps of the cosine after the warmup.
-        alpha: The minimum learning rate as a fraction of ``learning_rate``, in ``[0, 1]``.
-        name: Accepted for signature consistency with the TF schedules; unused.
-
-    Returns:
-        The learning rate, a float (float32 precision).
-
-    Raises:
-        ValueError: if ``global_step`` is None, or an argument is out of range.
-
-    Examples:
-        >>> import functools
-        >>> from lightning_optloss import decay
-        >>> schedule = functools.partial(decay.warmup_cosine_decay, warmup_steps=100, decay_steps=900)
-        >>> [round(schedule(0.1, step), 6) for step in (50, 100, 550, 1000)]
-        [0.05, 0.1, 0.05, 0.0]
-
-    References:
-        Goyal et al., "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour", 2017,
-        https://arxiv.org/abs/1706.02677; Loshchilov & Hutter, "SGDR: Stochastic Gradient Descent with Warm
-        Restarts", ICLR 2017, https://openreview.net/forum?id=Skq89Scxx
-    """
-    owner = "warmup_cosine_decay"
-    step = _global_step(owner, global_step)
-    lr = _f32(_learning_rate(owner, learning_rate))
-    warmup = _warmup_steps(owner, warmup_steps)
-    steps = _steps(owner, "decay_steps", decay_steps)
-    minimum = validation.real(owner, "alpha", alpha, minimum=0.0, maximum=1.0)
-    if step < warmup:
-        return _ramp(lr, step, warmup)
-    return cosine_decay(lr, step - warmup, steps, minimum)
