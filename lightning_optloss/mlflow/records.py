@@ -11,6 +11,8 @@ A record is one MLflow call, as a JSON object (one per line in the ``*.jsonl`` s
     {"type": "artifact", "run_id": "<run id>", "local_path": "/abs/path/epoch=0-step=7.ckpt",
      "artifact_path": "epoch=0-step=7"}
     {"type": "status", "run_id": "<run id>", "status": "FINISHED", "end_time": 1764063009000}
+    {"type": "image", "run_id": "<run id>", "local_path": "/abs/path/image.png", "key": "OptimizeLoss/gradient_norms",
+     "step": 500, "timestamp": 1764063000123, "uuid": "<uuid4>"}
 
 - ``batch``: one ``log_batch`` (one per logged step; ``metrics``, ``params`` and ``tags`` may each be empty).
   ``timestamp`` (milliseconds since the epoch) and ``step`` are those of the original call, so a replay shows
@@ -18,6 +20,11 @@ A record is one MLflow call, as a JSON object (one per line in the ``*.jsonl`` s
 - ``artifact``: upload the file at ``local_path`` (absolute) into ``artifact_path`` (``null``: the run's
   artifact root). The file must still exist when the record is delivered.
 - ``status``: ``set_terminated`` with the run status and the end time (milliseconds) of the original call.
+- ``image``: ``MlflowClient.log_image(run_id, image, key=key, step=step, timestamp=timestamp)`` for the PNG at
+  ``local_path``: the PNG and its 256-pixel WebP thumbnail go to ``images/<key, / as ~>+step+<step>+timestamp+
+  <timestamp>+<uuid>[+compressed].{png,webp}`` (MLflow's names, which its image grid reads) and the run gets
+  the tag ``mlflow.loggedImages``. The ``uuid`` is chosen when the record is made, so a record sent twice
+  overwrites its own files instead of showing twice in the grid.
 
 A record refused by the server (see :func:`is_permanent`) is written with an extra ``"error"`` key.
 
@@ -34,6 +41,9 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
+import tempfile
+import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,7 +58,7 @@ from mlflow.utils.rest_utils import http_request, verify_rest_response
 
 from lightning_optloss.mlflow.delivery import Record
 
-RECORD_TYPES = ("batch", "artifact", "status")
+RECORD_TYPES = ("batch", "artifact", "status", "image")
 
 
 def batch_record(
@@ -73,6 +83,19 @@ def artifact_record(run_id: str, local_path: str, artifact_path: str | None) -> 
 def status_record(run_id: str, status: str, end_time: int) -> Record:
     """``set_terminated`` with ``end_time`` in milliseconds since the epoch."""
     return {"type": "status", "run_id": run_id, "status": status, "end_time": end_time}
+
+
+def image_record(run_id: str, local_path: str, key: str, step: int, timestamp: int) -> Record:
+    """``log_image`` of the PNG at ``local_path`` under ``key`` at ``step`` (``timestamp`` in milliseconds)."""
+    return {
+        "type": "image",
+        "run_id": run_id,
+        "local_path": local_path,
+        "key": key,
+        "step": int(step),
+        "timestamp": int(timestamp),
+        "uuid": str(uuid.uuid4()),
+    }
 
 
 def read_records(path: Path) -> list[Record]:
@@ -106,7 +129,7 @@ def is_permanent(error: BaseException) -> bool:
 
 def summary(records: Iterable[Record]) -> str:
     """What records hold, in words: ``"3 metric values at 2 steps, 1 param, 1 artifact, status FINISHED"``."""
-    counts = {"metric value": 0, "param": 0, "tag": 0, "artifact": 0}
+    counts = {"metric value": 0, "param": 0, "tag": 0, "artifact": 0, "image": 0}
     steps: set[int] = set()
     statuses: list[str] = []
     for record in records:
@@ -115,8 +138,8 @@ def summary(records: Iterable[Record]) -> str:
             counts["param"] += len(record["params"])
             counts["tag"] += len(record["tags"])
             steps.update(metric["step"] for metric in record["metrics"])
-        elif record["type"] == "artifact":
-            counts["artifact"] += 1
+        elif record["type"] in ("artifact", "image"):
+            counts[record["type"]] += 1
         else:
             statuses.append(record["status"])
     parts = [f"{count} {name}{'s' if count != 1 else ''}" for name, count in counts.items() if count]
@@ -156,8 +179,27 @@ class Sender:
             self._client.log_artifact(run_id, record["local_path"], record["artifact_path"])
         elif kind == "status":
             self._client.set_terminated(run_id, record["status"], record["end_time"])
+        elif kind == "image":
+            self._log_image(record)
         else:
             raise ValueError(f"unknown record type {kind!r}; expected one of {RECORD_TYPES}")
+
+    def _log_image(self, record: Record) -> None:
+        """What ``MlflowClient.log_image`` uploads for a key and step, with the record's uuid in the names."""
+        from mlflow.tracking.multimedia import compress_image_size
+        from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_IMAGES
+        from PIL import Image
+
+        run_id, source = record["run_id"], Path(record["local_path"])
+        key = record["key"].replace("/", "~")
+        name = f"{key}+step+{record['step']}+timestamp+{record['timestamp']}+{record['uuid']}"
+        with tempfile.TemporaryDirectory() as folder, Image.open(source) as image:
+            picture, thumbnail = Path(folder) / f"{name}.png", Path(folder) / f"{name}+compressed.webp"
+            shutil.copyfile(source, picture)
+            compress_image_size(image).save(thumbnail)
+            self._client.log_artifact(run_id, str(picture), "images")
+            self._client.log_artifact(run_id, str(thumbnail), "images")
+        self._client.set_tag(run_id, MLFLOW_LOGGED_IMAGES, "True")
 
 
 class _SingleTryRestStore(RestStore):
