@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import secrets
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -23,6 +23,7 @@ from lightning_optloss.gradients import clipping, histograms
 from lightning_optloss.gradients.noise import GradientNoise
 from lightning_optloss.mlflow import artifacts, run_info
 from lightning_optloss.mlflow import io as mlflow_io
+from lightning_optloss.mlflow.live_images import RunImages
 from lightning_optloss.mlflow.logger import warn_if_stock_mlflow_logger
 from lightning_optloss.pipeline import (
     NONFINITE_MODES,
@@ -107,6 +108,17 @@ class OptimizeLoss(Callback):
             ``"raise"`` read one boolean from the device per step. Under ``16-mixed`` AMP the GradScaler
             skips such steps itself, and none of these applies. Adaptive statistics never take in a
             non-finite norm.
+        images_every_n_steps: Every that many global steps (logged steps only: a multiple of
+            ``Trainer(log_every_n_steps)``), log gradient pictures to the MLflow loggers' image grid
+            (:mod:`lightning_optloss.mlflow.live_images`: ``<name>/gradient_norms`` before and after clipping,
+            one per clip group with per-group clipping, and ``<name>/gradient_histograms``). Default
+            ``"auto"``: ``10 * log_every_n_steps``. None: no pictures. Drawn on rank 0 from the combined
+            statistics; a picture takes a few milliseconds and is sent by the logger's worker thread. The
+            environment variable ``LIGHTNING_OPTLOSS_PLOTS=0`` turns them off, as it does the end-of-fit plots.
+
+    With clipping, logged steps also carry ``<name>/clip/ratio`` (the global norm after clipping over the one
+    before, in (0, 1]) and ``<name>/clip/active`` (1 when clipping changed a gradient, else 0), and with
+    per-group clipping ``<name>/clip/<group>/ratio`` and ``.../active`` per group.
 
     The global step (:attr:`global_step`) is TF's ``global_step``: 0 before the first update, incremented
     after every optimizer step that really updated (not after steps skipped by AMP or ``on_nonfinite``)
@@ -131,6 +143,7 @@ class OptimizeLoss(Callback):
         increment_global_step: bool = True,
         seed: int | None = None,
         on_nonfinite: str = "warn",
+        images_every_n_steps: int | Literal["auto"] | None = "auto",
     ) -> None:
         self.gradient_noise_scale = _check_noise_scale(gradient_noise_scale)
         self.gradient_multipliers = _check_multipliers(gradient_multipliers)
@@ -145,6 +158,7 @@ class OptimizeLoss(Callback):
         self.increment_global_step = validation.boolean(_OWNER, "increment_global_step", increment_global_step)
         self.seed = _check_seed(seed)
         self.on_nonfinite = validation.choice(_OWNER, "on_nonfinite", on_nonfinite, NONFINITE_MODES)
+        self.images_every_n_steps = _check_images_every_n_steps(images_every_n_steps)
         self._global_step = GlobalStep()
         self._reset_run_state()
 
@@ -177,6 +191,8 @@ class OptimizeLoss(Callback):
         self._world_size = 1
         self._loaded_world_size: int | None = None
         self._run_artifacts: artifacts.RunArtifacts | None = None
+        self._run_images: RunImages | None = None
+        self._images_every = 0  # resolved images_every_n_steps; 0: no pictures
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -214,7 +230,26 @@ class OptimizeLoss(Callback):
             self._resolved_seed = trainer.strategy.broadcast(secrets.randbelow(_SEED_LIMIT), src=0)
         self._log_every_n_steps = trainer.log_every_n_steps
         self._logging = bool(trainer.loggers) and bool(self.summaries)
+        self._images_every = self._resolve_images_every(trainer)
         self._world_size = trainer.world_size
+
+    def _resolve_images_every(self, trainer: pl.Trainer) -> int:
+        """``images_every_n_steps`` in steps (0: no pictures), checked against the Trainer's logging interval."""
+        every = self.images_every_n_steps
+        if every is None:
+            return 0
+        if every == "auto":
+            every = 10 * self._log_every_n_steps
+        elif every % self._log_every_n_steps:
+            raise ValueError(
+                f"{_OWNER}: images_every_n_steps={every} is not a multiple of Trainer(log_every_n_steps="
+                f'{self._log_every_n_steps}); pictures are drawn on logged steps only. Pass a multiple, "auto" '
+                "(10 x log_every_n_steps) or None."
+            )
+        # Pictures need logged steps and an MLflow logger; LIGHTNING_OPTLOSS_PLOTS=0 turns off every picture.
+        if not self._logging or not mlflow_io.mlflow_loggers(trainer.loggers) or not artifacts.plots_enabled():
+            return 0
+        return every
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Parameters are resolved here, after configure_model (FSDP2 replaces them by DTensors there).
@@ -286,6 +321,7 @@ class OptimizeLoss(Callback):
         if self._run_artifacts is not None:
             self._run_artifacts.cleanup()
             self._run_artifacts = None
+        self._run_images = None
 
     # ------------------------------------------------------------------ the step
 
@@ -321,7 +357,8 @@ class OptimizeLoss(Callback):
             if monitor is None:
                 names = [entry.name for entry in entries]
                 monitor = self._monitors[id(optimizer)] = NonFiniteMonitor(names, gradients.grads[0].device)
-        outcome = self._pipeline.run(optimizer, gradients, step, logging, monitor)
+        images = logging and self._images_every > 0 and step % self._images_every == 0
+        outcome = self._pipeline.run(optimizer, gradients, step, logging, monitor, images)
         if outcome.skip and self._scaler is None:
             self._handle_nonfinite(optimizer, step, outcome.nonfinite_names)
         self._processed[id(optimizer)] = outcome
@@ -396,6 +433,8 @@ class OptimizeLoss(Callback):
             deliver(trainer.loggers, metrics, record.step)
             if self._run_artifacts is not None:
                 self._run_artifacts.record(record.step, metrics, record.histograms)
+            if self._run_images is not None and record.image_norms:
+                self._run_images.log(record.step, record.image_norms)
             for key, values in extras.items():
                 self._warn_nonfinite(self._monitors[int(key.split("/")[1])], values)
 
@@ -440,6 +479,11 @@ class OptimizeLoss(Callback):
         run_info.log_run_configuration(trainer.loggers, configuration, run_info.run_tags(trainer), self.name)
         if self._logging:  # the plots of the logged summaries, and the histograms when there are any
             self._run_artifacts = artifacts.RunArtifacts(trainer.loggers, self.name)
+        if self._images_every and self._run_artifacts is not None:
+            pipeline = self._pipeline
+            self._run_images = RunImages(
+                trainer.loggers, self.name, names, self._run_artifacts, pipeline.clip_groups, pipeline.group_keys
+            )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._run_artifacts is not None:
@@ -501,6 +545,8 @@ _RUN_STATE = (
     "_world_size",
     "_loaded_world_size",
     "_run_artifacts",
+    "_run_images",
+    "_images_every",
 )
 
 
@@ -596,6 +642,16 @@ def _check_variables(value: Any) -> list[ParameterKey] | None:
         if not isinstance(key, (str, torch.nn.Parameter)):
             raise validation.invalid(_OWNER, "variables", "parameter names (str) or nn.Parameter objects", key)
     return chosen
+
+
+def _check_images_every_n_steps(value: Any) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise validation.invalid(
+            _OWNER, "images_every_n_steps", '"auto" (10 x log_every_n_steps), None (off) or an integer >= 1', value
+        )
+    return value
 
 
 def _check_name(value: Any) -> str:

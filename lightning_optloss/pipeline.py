@@ -192,10 +192,12 @@ class GradientPipeline:
         step: int,
         logging: bool,
         monitor: NonFiniteMonitor | None,
+        images: bool = False,
     ) -> StepOutcome:
         """Process one step's gradients in place; return its summaries when ``logging``.
 
-        ``monitor`` (``on_nonfinite="warn"``) observes the per-parameter norms of every step.
+        ``monitor`` (``on_nonfinite="warn"``) observes the per-parameter norms of every step. ``images`` (a
+        logged step) also records what the step's pictures need (:meth:`SummaryRecord.add_image_rows`).
         """
         grads = gradients.grads
         scale = self.current_noise_scale(step) if self.noise is not None else 0.0
@@ -220,10 +222,16 @@ class GradientPipeline:
             monitor.observe(step, ~torch.isfinite(norms), gradients.positions)
         if outcome.record is not None:
             self._record_before_clipping(outcome.record, optimizer, norms, scale)
+        before = norms
         norms = self._clip(gradients, norms, step, sum_over_shards, outcome.record, multipliers if fused else None)
         self.access.write_back([entry.param for entry in gradients.entries], grads)
         if outcome.record is not None:
-            self._record_after_clipping(outcome.record, gradients, norms)
+            if self.clip is not None:
+                self._record_clip_activity(outcome.record, before, norms)
+            self._record_after_clipping(outcome.record, gradients, norms, images)
+            if images:
+                indices = [entry.index for entry in gradients.entries]
+                outcome.record.add_image_rows(indices, torch.stack([before, norms]))
         return outcome
 
     def _multiplier_magnitudes(self, gradients: StepGradients, multipliers: list[float], norms: Tensor) -> Tensor:
@@ -292,6 +300,9 @@ class GradientPipeline:
         group_of = [self.clip_groups.get(entry.index, -1) for entry in gradients.entries]
         clip_norms = list(self.clip.values())
         group_norms, factors = clipping.clip_groups_by_global_norm_(gradients.grads, group_of, clip_norms, norms)
+        if record is not None:  # the clip activity of each group
+            record.add_rows([f"{self.name}/clip/{key}/ratio" for key in self.group_keys], factors)
+            record.add_rows([f"{self.name}/clip/{key}/active" for key in self.group_keys], (factors < 1).to(factors))
         if record is not None and self.global_norms_logged:
             tags = [f"{self.name}/global_norm/{key}/gradient_norm" for key in self.group_keys]
             record.add_rows(tags, group_norms)
@@ -310,7 +321,17 @@ class GradientPipeline:
         if self.global_norms_logged:
             record.add(f"{self.name}/global_norm/gradient_norm", global_norm(norms))
 
-    def _record_after_clipping(self, record: SummaryRecord, gradients: StepGradients, norms: Tensor) -> None:
+    def _record_clip_activity(self, record: SummaryRecord, before: Tensor, after: Tensor) -> None:
+        """``clip/ratio``: the global norm after clipping over the one before (1 for zero gradients);
+        ``clip/active``: 1 when clipping changed any parameter's norm. On the device, no synchronisation."""
+        norm_before, norm_after = global_norm(before), global_norm(after)
+        ratio = torch.where(norm_before > 0, norm_after / norm_before.clamp_min(torch.finfo(before.dtype).tiny), 1.0)
+        record.add(f"{self.name}/clip/ratio", ratio)
+        record.add(f"{self.name}/clip/active", (after != before).any().to(before.dtype))
+
+    def _record_after_clipping(
+        self, record: SummaryRecord, gradients: StepGradients, norms: Tensor, images: bool = False
+    ) -> None:
         for tag, value in getattr(self.clip, "summaries", dict)().items():
             record.add(f"{self.name}/{tag}", value)
         keys = [self.metric_keys[entry.index] for entry in gradients.entries]
@@ -318,13 +339,14 @@ class GradientPipeline:
             record.add(f"{self.name}/global_norm/clipped_gradient_norm", global_norm(norms))
         if "gradient_norm" in self.summaries:
             record.add_rows([f"{self.name}/gradient_norm/{key}" for key in keys], norms)
-        if "gradients" in self.summaries:
+        if "gradients" in self.summaries or images:
             moments = statistics.local_moments(gradients.grads, norms.dtype)
             if gradients.sharded:
                 moments = self.access.combine_over_shards(moments, gradients.layouts, statistics.combine_moments)
-            tags = [f"{self.name}/gradients/{key}/{statistic}" for key in keys for statistic in GRADIENT_STATISTICS]
-            record.add_rows(tags, statistics.gradient_statistics(moments, norms))
-            if self.histograms:
+            if "gradients" in self.summaries:
+                tags = [f"{self.name}/gradients/{key}/{statistic}" for key in keys for statistic in GRADIENT_STATISTICS]
+                record.add_rows(tags, statistics.gradient_statistics(moments, norms))
+            if (self.histograms and "gradients" in self.summaries) or images:
                 record.add_histograms([entry.name for entry in gradients.entries], self._histograms(gradients, moments))
 
     def _histograms(self, gradients: StepGradients, moments: Tensor) -> Tensor:

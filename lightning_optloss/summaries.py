@@ -78,6 +78,8 @@ class SummaryRecord:
     extras: dict[str, Tensor] = field(default_factory=dict)
     histogram_tables: list[tuple[list[str], Tensor]] = field(default_factory=list)
     histograms: list[Histogram] = field(default_factory=list)
+    image_rows: list[tuple[list[int], Tensor]] = field(default_factory=list)
+    image_norms: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     def add(self, tag: str, value: Tensor | float) -> None:
         if isinstance(value, Tensor):
@@ -97,6 +99,11 @@ class SummaryRecord:
         """Add the histograms of ``params``: row ``i`` of ``table`` (``histogram_table``) is ``params[i]``'s."""
         self.histogram_tables.append((params, table))
 
+    def add_image_rows(self, indices: list[int], norms: Tensor) -> None:
+        """Per-parameter norms for the step's pictures: ``norms[0][i]`` before clipping and ``norms[1][i]``
+        after, of the parameter with index ``indices[i]``; :meth:`resolve` leaves them in :attr:`image_norms`."""
+        self.image_rows.append((indices, norms))
+
     def resolve(self) -> tuple[dict[str, float], dict[str, list[float]]]:
         """The metrics and the extras as Python floats, with one device-to-host transfer for all tensors.
 
@@ -106,6 +113,7 @@ class SummaryRecord:
         parts += [values.reshape(-1) for _, values in self.vectors]
         parts += [values.reshape(-1) for values in self.extras.values()]
         parts += [table.reshape(-1) for _, table in self.histogram_tables]
+        parts += [norms.reshape(-1) for _, norms in self.image_rows]
         metrics = dict(self.values)
         if not parts:
             return metrics, {}
@@ -129,6 +137,12 @@ class SummaryRecord:
             for param in params:
                 self.histograms.append(Histogram.from_row(param, numbers[position : position + width]))
                 position += width
+        self.image_norms = {}
+        for indices, _ in self.image_rows:
+            count = len(indices)
+            before, after = numbers[position : position + count], numbers[position + count : position + 2 * count]
+            self.image_norms.update(zip(indices, zip(before, after, strict=True), strict=True))
+            position += 2 * count
         return metrics, extras
 
 

@@ -147,6 +147,14 @@ class RunArtifacts:
                 numbers.append(value)
         return found
 
+    def largest_histograms(self) -> dict[str, list[tuple[int, list[float | None], list[int]]]]:
+        """The kept histograms of the largest parameters: ``{param: [(step, edges, counts), ...]}``, steps ascending."""
+        largest: dict[str, list[tuple[int, list[float | None], list[int]]]] = {p: [] for p in self._largest}
+        for step, chosen in self._distributions.items:
+            for param, (edges, counts) in chosen.items():
+                largest[param].append((step, edges, counts))
+        return largest
+
     def finish(self, run_label: str | None = None) -> list[str]:
         """Close the histogram file, draw the plots and upload everything; return the files written.
 
@@ -218,10 +226,7 @@ class RunArtifacts:
                     plots.gradient_norm_heatmap(steps, names, norms, title), self.upload_dir / GRADIENT_NORMS
                 )
             )
-        largest: dict[str, list[tuple[int, list[float | None], list[int]]]] = {p: [] for p in self._largest}
-        for step, chosen in self._distributions.items:
-            for param, (edges, counts) in chosen.items():
-                largest[param].append((step, edges, counts))
+        largest = self.largest_histograms()
         if largest:
             title = f"{self.name}: gradient distributions over time (largest parameters), {run_label}"
             figure = plots.gradient_distributions(largest, title)
