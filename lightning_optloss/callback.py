@@ -431,10 +431,12 @@ class OptimizeLoss(Callback):
         for record in self._ready:
             metrics, extras = record.resolve()
             deliver(trainer.loggers, metrics, record.step)
+            # Histograms computed for a picture only do not go into the artifacts (the summary decides those).
+            histograms = record.histograms if self._pipeline.histograms else []
             if self._run_artifacts is not None:
-                self._run_artifacts.record(record.step, metrics, record.histograms)
-            if self._run_images is not None and record.image_norms:
-                self._run_images.log(record.step, record.image_norms)
+                self._run_artifacts.record(record.step, metrics, histograms)
+            if self._run_images is not None:
+                self._run_images.log(record.step, record.image_norms, record.histograms)
             for key, values in extras.items():
                 self._warn_nonfinite(self._monitors[int(key.split("/")[1])], values)
 
@@ -479,11 +481,9 @@ class OptimizeLoss(Callback):
         run_info.log_run_configuration(trainer.loggers, configuration, run_info.run_tags(trainer), self.name)
         if self._logging:  # the plots of the logged summaries, and the histograms when there are any
             self._run_artifacts = artifacts.RunArtifacts(trainer.loggers, self.name)
-        if self._images_every and self._run_artifacts is not None:
+        if self._images_every:
             pipeline = self._pipeline
-            self._run_images = RunImages(
-                trainer.loggers, self.name, names, self._run_artifacts, pipeline.clip_groups, pipeline.group_keys
-            )
+            self._run_images = RunImages(trainer.loggers, self.name, names, pipeline.clip_groups, pipeline.group_keys)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._run_artifacts is not None:

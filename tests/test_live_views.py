@@ -232,3 +232,14 @@ def test_rebinning_keeps_every_element_and_places_it_by_value():
     np.testing.assert_allclose(grid.sum(axis=1), [1.0, 1.0])
     np.testing.assert_allclose(grid[0], [0, 0, 0.75, 0.25])  # [0, .5) -> cell 2, [.5, 1] -> cell 3
     np.testing.assert_allclose(grid[1], [1, 0, 0, 0])  # all elements equal to -1
+
+
+def test_the_end_of_fit_heatmap_names_every_parameter_of_lightnings_demo_transformer():
+    from lightning.pytorch.demos import Transformer
+
+    from lightning_optloss.mlflow import plots
+
+    names = [name for name, _ in Transformer(vocab_size=50).named_parameters()]
+    assert len(names) > 40  # where the heatmap used to label every second row
+    figure = plots.gradient_norm_heatmap([0, 10], names, np.ones((len(names), 2)), "t")
+    assert [label.get_text() for label in figure.axes[0].get_yticklabels()] == names

@@ -7,23 +7,25 @@ step's summaries (already on the host, combined over ranks and shards like every
     <name>/gradient_norms          per-parameter norms before and after clipping (images.gradient_norms_image)
     <name>/gradient_norms/<group>  the same, one picture per clip group with per-group clipping (and
                                    <name>/gradient_norms/unclipped for parameters outside every group)
-    <name>/gradient_histograms     the distributions of the 4 largest parameters over the logged steps so far
-                                   (images.gradient_histograms_image)
+    <name>/gradient_histograms     the distributions of the 4 largest parameters over the steps so far that
+                                   have histograms: every logged step with the ``gradients`` summary, else
+                                   the picture steps (images.gradient_histograms_image)
 
 A picture that cannot be drawn or queued (a full disk) is a warning, once; training goes on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 
+from lightning_optloss.gradients.histograms import Histogram
 from lightning_optloss.mlflow import images
 from lightning_optloss.mlflow import io as mlflow_io
-from lightning_optloss.mlflow.artifacts import RunArtifacts
+from lightning_optloss.mlflow.artifacts import LargestHistograms
 
 UNCLIPPED_GROUP = "unclipped"
 
@@ -35,8 +37,6 @@ class RunImages:
         loggers: The Trainer's loggers; the MLflow ones receive the pictures.
         name: The callback's ``name``: the prefix of the image keys.
         names: ``{parameter index: parameter name}``, in the module's order.
-        artifacts: The fit's :class:`~lightning_optloss.mlflow.artifacts.RunArtifacts`, whose kept histograms of
-            the largest parameters the histogram picture shows.
         groups: With per-group clipping, ``{parameter index: group}`` (-1 or absent: in no group), and
         group_keys: the metric-safe key of each group.
     """
@@ -46,14 +46,13 @@ class RunImages:
         loggers: Iterable[Logger],
         name: str,
         names: Mapping[int, str],
-        artifacts: RunArtifacts,
         groups: Mapping[int, int] | None = None,
         group_keys: list[str] | None = None,
     ) -> None:
         self.loggers = mlflow_io.mlflow_loggers(loggers)
         self.name = name
         self.names = dict(names)
-        self.artifacts = artifacts
+        self.histograms = LargestHistograms()
         self.groups = dict(groups or {})
         self.group_keys = list(group_keys or [])
         self._warned = False
@@ -69,7 +68,7 @@ class RunImages:
                 [norms[i][1] for i in indices],
                 f"{key}, step {step}",
             )
-        largest = {param: rows for param, rows in self.artifacts.largest_histograms().items() if rows}
+        largest = {param: rows for param, rows in self.histograms.rows().items() if rows}
         if largest:
             key = f"{self.name}/gradient_histograms"
             drawn[key] = images.gradient_histograms_image(largest, f"{key}, steps up to {step}")
@@ -90,8 +89,13 @@ class RunImages:
             sets.append((f"/{UNCLIPPED_GROUP}", outside))
         return sets
 
-    def log(self, step: int, norms: Mapping[int, tuple[float, float]]) -> None:
-        """Draw the step's pictures and queue them to every MLflow logger; a failure is one warning."""
+    def log(self, step: int, norms: Mapping[int, tuple[float, float]], histograms: Sequence[Histogram]) -> None:
+        """Take a logged step's histograms; on a picture step (``norms`` given) draw the step's pictures and queue
+        them to every MLflow logger. A failure is one warning."""
+        if histograms:
+            self.histograms.add(step, histograms)
+        if not norms:
+            return
         try:
             drawn = self.pictures(step, norms)
             for logger in self.loggers:
