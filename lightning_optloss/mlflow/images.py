@@ -180,9 +180,9 @@ def rebin(edges: Sequence[Sequence[float]], counts: Sequence[Sequence[int]], rea
     whole = np.minimum(position.astype(int), width - 1)
     rows = np.arange(len(counts_array))[:, None]
     below = cumulative[rows, whole] + (position - whole) * counts_array[rows, whole]
-    below = np.where(
-        (high == low)[:, None], np.where(cell_edges[None, :] >= low[:, None], cumulative[:, -1:], 0), below
-    )
+    equal = np.where(cell_edges[None, :] > low[:, None], cumulative[:, -1:], 0.0)  # one value: its cell
+    equal[:, -1] = cumulative[:, -1]  # (the last cell includes its upper edge)
+    below = np.where((high == low)[:, None], equal, below)
     grid = np.diff(below, axis=1)
     return grid / np.maximum(cumulative[:, -1:], 1.0)
 
