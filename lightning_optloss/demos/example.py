@@ -243,7 +243,9 @@ From the folder that contains `{folder}/` (the repository root), wherever it was
 {ui_command(folder)}
 ```
 
-then browse <http://127.0.0.1:5000>, experiment `{EXPERIMENT}`. Each run has the `OptimizeLoss/...` metrics
+then browse <http://127.0.0.1:5000>, experiment `{EXPERIMENT}` (MLflow's **Model training** switch at the
+top left, or directly <http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning>). Each run
+has the `OptimizeLoss/...` metrics
 (Model metrics tab; `OptimizeLoss/clip/ratio` and `OptimizeLoss/clip/active` show how hard and how often
 clipping acted), the gradient pictures with a step slider (Chart view of the experiment, or the run's Model
 metrics tab: `OptimizeLoss/gradient_norms`, `OptimizeLoss/gradient_histograms`), the `optimize_loss.*` params

@@ -98,8 +98,9 @@ class MLFlowLogger(StockMLFlowLogger):
     :attr:`experiment` are MLflow's, synchronous.
 
     **Experiment kind.** An experiment this logger creates is tagged ``mlflow.experimentKind=
-    custom_model_development`` (:func:`tag_experiment_kind`), so MLflow's UI opens it in the model-training view;
-    an experiment that exists already is left as it is.
+    custom_model_development`` (:func:`tag_experiment_kind`), MLflow's mark of a model-training experiment; an
+    experiment that exists already is left as it is. (MLflow 3.17's UI lets its own GenAI / Model training
+    switch win over the tag: see ``docs/mlflow-live-views.md``.)
 
     **Outages.** A failed send is retried with exponential backoff (0.5 s doubling to 15 s); the records behind
     it wait, in order; one warning says so. When more than ``max_queue`` records wait, the oldest go to the spill
