@@ -222,16 +222,16 @@ def test_the_experiment_is_tagged_for_and_shown_in_the_model_training_view(page,
 
 
 def test_the_image_grid_follows_its_step_slider(page, mlflow_ui):
-    """The chart view's image card of ``gradient_norms``: the slider moves to the last step, the pictures change."""
+    """The ``gradient_histograms`` card: its slider moves to the last step, its pictures change."""
     from playwright.sync_api import expect
 
-    chart_view(page, mlflow_ui, "OptimizeLoss/gradient_norms")
+    chart_view(page, mlflow_ui, "OptimizeLoss/gradient_histograms")
     slider = page.get_by_role("slider").first
     expect(slider).to_be_visible()
     assert slider.get_attribute("aria-valuenow") == "0"
     last = int(slider.get_attribute("aria-valuemax"))
     assert last > 0
-    pictures = page.locator("img[src*='gradient_norms']")
+    pictures = page.locator("img[src*='gradient_histograms']")
     expect(pictures.first).to_be_visible()
     page.wait_for_timeout(1500)
     before = sorted(pictures.evaluate_all("images => images.map(image => image.src)"))
@@ -244,7 +244,7 @@ def test_the_image_grid_follows_its_step_slider(page, mlflow_ui):
     page.mouse.up()
     expect(slider).to_have_attribute("aria-valuenow", str(last))
     page.wait_for_function(
-        "() => [...document.querySelectorAll(\"img[src*='gradient_norms']\")]"
+        "() => [...document.querySelectorAll(\"img[src*='gradient_histograms']\")]"
         ".some(image => !image.src.includes('step%2B0%2B'))"
     )
     after = sorted(pictures.evaluate_all("images => images.map(image => image.src)"))
