@@ -19,6 +19,16 @@ CLIPPED_GLOBAL_NORM = "global_norm/clipped_gradient_norm"
 ADAPTIVE_MAX_NORM = "global_norm/adaptive_max_gradient_norm"
 AUTOCLIP_THRESHOLD = "global_norm/autoclip_threshold"
 AGC_CLIPPED_FRACTION = "clip/agc_clipped_fraction"
+CLIP_RATIO = "clip/ratio"
+"""The global norm after clipping over the one before, in (0, 1] (any clipping)."""
+CLIP_ACTIVE = "clip/active"
+"""1 when clipping changed a gradient at the step, else 0."""
+GRADIENT_NORMS_IMAGE = "gradient_norms"
+"""The image key (relative to ``name``) of the per-parameter norm bars before and after clipping."""
+GRADIENT_HISTOGRAMS_IMAGE = "gradient_histograms"
+"""The image key (relative to ``name``) of the largest parameters' gradient distributions over time."""
+UNCLIPPED_GROUP = "unclipped"
+"""With per-group clipping, the image group of the parameters outside every group."""
 GRADIENT_STATISTICS = ("mean", "std", "min", "max", "norm")
 """The statistics logged per parameter for the ``gradients`` summary, in this order."""
 
@@ -51,6 +61,25 @@ def gradient_statistic(key: str, statistic: str) -> str:
 def group_norm(key: str, clipped: bool = False) -> str:
     """The tag of a clip group's global norm, before (or, ``clipped``, after) clipping; ``key`` of its glob."""
     return f"global_norm/{key}/{'clipped_gradient_norm' if clipped else 'gradient_norm'}"
+
+
+def group_clip_activity(key: str, statistic: str) -> str:
+    """The tag of a clip group's activity, ``statistic`` ``"ratio"`` (its clipped over its raw norm) or
+    ``"active"``; ``key`` of its glob.
+
+    >>> group_clip_activity("encoder._", "ratio")
+    'clip/encoder._/ratio'
+    """
+    return f"clip/{key}/{statistic}"
+
+
+def norms_image(group: str | None = None) -> str:
+    """The image key (relative to ``name``) of the norm bars, of one clip group's parameters when ``group``.
+
+    >>> norms_image("encoder._")
+    'gradient_norms/encoder._'
+    """
+    return GRADIENT_NORMS_IMAGE if group is None else f"{GRADIENT_NORMS_IMAGE}/{group}"
 
 
 def metric_key(name: str) -> str:
