@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from mlflow_server import MlflowServer
 from support import TinyRegression, make_trainer, metric_history, regression_data
 
 from lightning_optloss import MLFlowLogger, OptimizeLoss, agc_clipping_fn, autoclip_fn
-from lightning_optloss.mlflow import images
+from lightning_optloss.mlflow import images, records
+from lightning_optloss.mlflow import logger as logger_module
 from lightning_optloss.mlflow import replay as mlflow_replay
 from lightning_optloss.mlflow.logger import CUSTOM_MODEL_DEVELOPMENT, EXPERIMENT_KIND_TAG
 
@@ -243,3 +245,45 @@ def test_the_end_of_fit_heatmap_names_every_parameter_of_lightnings_demo_transfo
     assert len(names) > 40  # where the heatmap used to label every second row
     figure = plots.gradient_norm_heatmap([0, 10], names, np.ones((len(names), 2)), "t")
     assert [label.get_text() for label in figure.axes[0].get_yticklabels()] == names
+
+
+# ---------------------------------------------------------------------------------------------- image records
+
+
+def image_record_at(path: Path) -> dict:
+    return records.image_record("run", str(path), "OptimizeLoss/gradient_norms", 3, 1764063000123)
+
+
+def test_replay_accepts_an_image_staged_beside_its_spill_file_and_refuses_one_elsewhere(tmp_path):
+    spill = tmp_path / "mlflow-run-1.jsonl"
+    staged = spill.with_suffix(".artifacts") / "0" / "image.png"
+    assert records.outside_staging(image_record_at(staged), spill) is None
+    for elsewhere in (tmp_path / "image.png", spill.with_suffix(".artifacts") / ".." / "image.png"):
+        assert records.outside_staging(image_record_at(elsewhere), spill) == str(elsewhere)
+
+
+def test_image_records_are_never_merged_and_a_malformed_one_is_named():
+    image = image_record_at(Path("/x/image.png"))
+    batch = records.batch_record("run")
+    assert records.merged(image, image) is None and records.merged(batch, image) is None
+    assert records.malformation(image) is None
+    assert "image record" in records.malformation({**image, "step": "3"})
+
+
+def test_a_picture_the_spill_folder_refuses_is_uploaded_directly(tracking_uri, tmp_path, monkeypatch):
+    logger = MLFlowLogger(
+        experiment_name=f"disk-{uuid.uuid4().hex[:8]}",
+        tracking_uri=tracking_uri,
+        artifact_location=(tmp_path / "artifacts").as_uri(),
+        spill_dir=tmp_path / "spill",
+    )
+
+    def refuse(folder: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    monkeypatch.setattr(logger_module, "make_private_folder", refuse)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logger.log_image("OptimizeLoss/gradient_norms", np.zeros((8, 8, 3), dtype=np.uint8), 4)
+    assert logged_images(MlflowClient(tracking_uri), logger.run_id) == {"OptimizeLoss/gradient_norms": [4]}
+    assert logger._delivery.disk.failed_writes >= 1
