@@ -23,6 +23,8 @@ CLIP_RATIO = "clip/ratio"
 """The global norm after clipping over the one before, in (0, 1] (any clipping)."""
 CLIP_ACTIVE = "clip/active"
 """1 when clipping changed a gradient at the step, else 0."""
+CLIP_ACTIVITY = (CLIP_RATIO, CLIP_ACTIVE)
+"""The metrics beyond TF's summaries that every logged step with clipping carries."""
 GRADIENT_NORMS_IMAGE = "gradient_norms"
 """The image key (relative to ``name``) of the per-parameter norm bars before and after clipping."""
 GRADIENT_HISTOGRAMS_IMAGE = "gradient_histograms"

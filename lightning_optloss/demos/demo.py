@@ -38,7 +38,7 @@ from lightning_optloss import (
     autoclip_fn,
     configure_optimizers,
 )
-from lightning_optloss.demos.example import DATABASE, EXPERIMENT, RUN_NAMES, ui_command
+from lightning_optloss.demos.example_store import DATABASE, EXPERIMENT, RUN_NAMES, ui_command
 from lightning_optloss.tf import decay
 
 

@@ -40,21 +40,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from lightning_optloss.demos.example_store import ARTIFACTS, DATABASE, EXPERIMENT, RUN_NAMES, ui_command
 from lightning_optloss.mlflow.server import free_port, wait_until_healthy
 
-EXPERIMENT = "lightning_optloss-example"
-RUN_NAMES = ("no-clipping", "clip-1.0", "adaptive-clipping", "noise-0.01")
-DATABASE = "mlflow.db"
-ARTIFACTS = "artifacts"
 SERVER_START_SECONDS = 180
-
-
-def ui_command(folder: str = "mlruns_example", port: int | None = None) -> str:
-    """The ``mlflow ui`` command that shows the example store in ``folder`` (relative to the working directory)."""
-    command = (
-        f"mlflow ui --backend-store-uri sqlite:///{folder}/{DATABASE} --artifacts-destination {folder}/{ARTIFACTS}"
-    )
-    return command if port is None else f"{command} --port {port}"
 
 
 @contextlib.contextmanager
