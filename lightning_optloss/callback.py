@@ -12,7 +12,7 @@ import functools
 import secrets
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -33,6 +33,7 @@ from lightning_optloss.gradients.noise import GradientNoise
 from lightning_optloss.gradients.spikes import SpikeSkipping
 from lightning_optloss.mlflow import artifacts, run_records
 from lightning_optloss.mlflow import io as mlflow_io
+from lightning_optloss.mlflow.live_images import RunImages
 from lightning_optloss.mlflow.logger import warn_if_stock_mlflow_logger
 from lightning_optloss.pipeline import (
     NONFINITE_MODES,
@@ -84,6 +85,8 @@ class _FitState:
     world_size: int = 1
     loaded_world_size: int | None = None
     run_artifacts: artifacts.RunArtifacts | None = None
+    images_every: int = 0  # resolved images_every_n_steps; 0: no pictures
+    run_images: RunImages | None = None
 
 
 class OptimizeLoss(Callback):
@@ -148,6 +151,17 @@ class OptimizeLoss(Callback):
             before clipping, or the step's loss jumps far above its moving statistics; one warning per skipped
             step. Reads the watched values from the device once per step. Refused under DeepSpeed, and with
             ``watch="loss"`` in manual optimization. Default None (off).
+        images_every_n_steps: Every that many global steps (logged steps only: a multiple of
+            ``Trainer(log_every_n_steps)``), log gradient pictures to the MLflow loggers' image grid
+            (:mod:`lightning_optloss.mlflow.live_images`: ``<name>/gradient_norms`` before and after clipping,
+            one per clip group with per-group clipping, and ``<name>/gradient_histograms``). Default
+            ``"auto"``: ``10 * log_every_n_steps``. None: no pictures. Drawn on rank 0 from the combined
+            statistics; a picture takes a few milliseconds and is sent by the logger's worker thread. The
+            environment variable ``LIGHTNING_OPTLOSS_PLOTS=0`` turns them off, as it does the end-of-fit plots.
+
+    With clipping, logged steps also carry ``<name>/clip/ratio`` (the global norm after clipping over the one
+    before, in (0, 1]) and ``<name>/clip/active`` (1 when clipping changed a gradient, else 0), and with
+    per-group clipping ``<name>/clip/<group>/ratio`` and ``.../active`` per group.
 
     The global step (:attr:`global_step`) is TF's ``global_step``: 0 before the first update, incremented
     after every optimizer step that really updated (not after steps skipped by AMP or ``on_nonfinite``)
@@ -173,6 +187,7 @@ class OptimizeLoss(Callback):
         seed: int | None = None,
         on_nonfinite: str = "warn",
         skip_spikes: SpikeSkipping | None = None,
+        images_every_n_steps: int | Literal["auto"] | None = "auto",
     ) -> None:
         self.gradient_noise_scale = arguments.check_noise_scale(gradient_noise_scale)
         self.gradient_multipliers = arguments.check_multipliers(gradient_multipliers)
@@ -189,6 +204,7 @@ class OptimizeLoss(Callback):
         self.on_nonfinite = validation.choice(_OWNER, "on_nonfinite", on_nonfinite, NONFINITE_MODES)
         self.skip_spikes = arguments.check_skip_spikes(skip_spikes)
         self._clip = arguments.clip_transform(self.clip_gradients, self.summaries)
+        self.images_every_n_steps = arguments.check_images_every_n_steps(images_every_n_steps)
         self._global_step = GlobalStep()
         self._fit = _FitState(self.seed)
 
@@ -239,6 +255,7 @@ class OptimizeLoss(Callback):
             fit.seed = trainer.strategy.broadcast(secrets.randbelow(arguments.SEED_LIMIT), src=0)
         fit.log_every_n_steps = trainer.log_every_n_steps
         fit.logging = bool(trainer.loggers) and bool(self.summaries)
+        fit.images_every = arguments.images_interval(self.images_every_n_steps, trainer, fit.logging)
         fit.world_size = trainer.world_size
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -294,6 +311,8 @@ class OptimizeLoss(Callback):
             "skip_spikes": self.skip_spikes,
         }
         fit.run_artifacts = run_records.start(trainer, self.name, settings, set(fit.by_optimizer), fit.logging)
+        if fit.images_every:
+            fit.run_images = run_records.start_images(trainer, self.name, params, self._clip)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release()
@@ -319,6 +338,7 @@ class OptimizeLoss(Callback):
         if fit.run_artifacts is not None:
             fit.run_artifacts.cleanup()
             fit.run_artifacts = None
+        fit.run_images = None
 
     # ------------------------------------------------------------------ the step
 
@@ -360,7 +380,8 @@ class OptimizeLoss(Callback):
                 monitor = self._fit.monitors[id(optimizer)] = NonFiniteMonitor(names, gradients.grads[0].device)
         spikes = self.skip_spikes
         loss = self._fit.step_loss.take(_OWNER, spikes, self._fit.access) if spikes is not None else None
-        outcome = self._fit.pipeline.run(optimizer, gradients, step, logging, monitor, loss)
+        images = logging and self._fit.images_every > 0 and step % self._fit.images_every == 0
+        outcome = self._fit.pipeline.run(optimizer, gradients, step, logging, monitor, loss, images)
         if outcome.spike is not None:
             act_on_spike(_OWNER, outcome.spike, spikes, optimizer, step)
         if outcome.skip and self._fit.scaler is None and outcome.nonfinite_names:
@@ -431,15 +452,18 @@ class OptimizeLoss(Callback):
             self._fit.ready[-1].add_nonfinite(key, monitor.pending())
 
     def _deliver(self, trainer: pl.Trainer) -> None:
-        for record in self._fit.ready:
+        fit = self._fit
+        for record in fit.ready:
             summaries = record.resolve()
             deliver(trainer.loggers, summaries.metrics, record.step)
-            if self._fit.run_artifacts is not None:
-                self._fit.run_artifacts.record(
-                    record.step, summaries.scalars, summaries.parameter_norms, summaries.histograms
-                )
+            # Histograms computed for a picture only do not go into the artifacts (the summary decides those).
+            kept = summaries.histograms if fit.pipeline.histograms else []
+            if fit.run_artifacts is not None:
+                fit.run_artifacts.record(record.step, summaries.scalars, summaries.parameter_norms, kept)
+            if fit.run_images is not None:
+                fit.run_images.log(record.step, summaries.image_norms, summaries.histograms)
             for key, values in summaries.nonfinite.items():
-                self._warn_nonfinite(self._fit.monitors[key], values)
+                self._warn_nonfinite(fit.monitors[key], values)
 
     @staticmethod
     def _warn_nonfinite(monitor: NonFiniteMonitor, values: list[float]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 
 from lightning_optloss.common import tags, validation
@@ -18,6 +19,8 @@ from lightning_optloss.common.parameters import ParameterKey
 from lightning_optloss.gradients.clipping import GlobalNormClipping, GroupClipping
 from lightning_optloss.gradients.contract import ClipTransform, as_clip_transform
 from lightning_optloss.gradients.spikes import SpikeSkipping
+from lightning_optloss.mlflow import artifacts
+from lightning_optloss.mlflow import io as mlflow_io
 from lightning_optloss.pipeline import NoiseScale
 
 OWNER = "OptimizeLoss"
@@ -117,6 +120,35 @@ def check_seed(value: Any) -> int | None:
     if seed is None or not 0 <= seed < SEED_LIMIT:
         raise validation.invalid(OWNER, "seed", "None or an integer in [0, 2**63)", value)
     return seed
+
+
+def check_images_every_n_steps(value: Any) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise validation.invalid(
+            OWNER, "images_every_n_steps", '"auto" (10 x log_every_n_steps), None (off) or an integer >= 1', value
+        )
+    return value
+
+
+def images_interval(every: int | str | None, trainer: pl.Trainer, logging: bool) -> int:
+    """``images_every_n_steps`` (checked by :func:`check_images_every_n_steps`) in steps, 0 for no pictures,
+    checked at ``setup`` against ``Trainer(log_every_n_steps)``: pictures are drawn on logged steps only, with
+    an MLflow logger, unless ``LIGHTNING_OPTLOSS_PLOTS=0``."""
+    if every is None:
+        return 0
+    log_every = trainer.log_every_n_steps
+    if every == "auto":
+        every = 10 * log_every
+    elif every % log_every:
+        raise ValueError(
+            f"{OWNER}: images_every_n_steps={every} is not a multiple of Trainer(log_every_n_steps={log_every}); "
+            'pictures are drawn on logged steps only. Pass a multiple, "auto" (10 x log_every_n_steps) or None.'
+        )
+    if not logging or not mlflow_io.mlflow_loggers(trainer.loggers) or not artifacts.plots_enabled():
+        return 0
+    return int(every)
 
 
 def clip_transform(clip_gradients: ClipArgument | None, summaries: Sequence[str]) -> ClipTransform | None:

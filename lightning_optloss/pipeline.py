@@ -247,11 +247,13 @@ class GradientPipeline:
         logging: bool,
         monitor: NonFiniteMonitor | None,
         loss: Tensor | None = None,
+        images: bool = False,
     ) -> StepOutcome:
         """Process one step's gradients in place; return its summaries when ``logging``.
 
         ``monitor`` (``on_nonfinite="warn"``) observes the per-parameter norms of every step. ``loss`` (the
-        step's loss, the same on every replica) is what ``spikes`` judges when it watches the loss.
+        step's loss, the same on every replica) is what ``spikes`` judges when it watches the loss. ``images``
+        (a logged step) also records what the step's pictures need (:meth:`SummaryRecord.add_image_rows`).
         """
         grads = gradients.grads
         scale = self.current_noise_scale(step) if self.noise is not None else 0.0
@@ -286,10 +288,16 @@ class GradientPipeline:
                     outcome.record.add(tag, value)
         if outcome.record is not None:
             self._record_before_clipping(outcome.record, optimizer, norms, scale)
+        before = norms
         norms = self._clip(gradients, norms, step, sum_over_shards, multipliers if fused else None)
         self.access.write_back([entry.param for entry in gradients.entries], grads)
         if outcome.record is not None:
-            self._record_after_clipping(outcome.record, gradients, norms)
+            if self.clip is not None:
+                self._record_clip_activity(outcome.record, before, norms)
+            self._record_after_clipping(outcome.record, gradients, norms, images)
+            if images:
+                indices = [entry.index for entry in gradients.entries]
+                outcome.record.add_image_rows(indices, torch.stack([before, norms]))
         return outcome
 
     def _multiplier_magnitudes(self, gradients: StepGradients, multipliers: list[float], norms: Tensor) -> Tensor:
@@ -358,7 +366,19 @@ class GradientPipeline:
         if self.global_norms_logged:
             record.add(tags.GLOBAL_NORM, global_norm(norms))
 
-    def _record_after_clipping(self, record: SummaryRecord, gradients: StepGradients, norms: Tensor) -> None:
+    def _record_clip_activity(self, record: SummaryRecord, before: Tensor, after: Tensor) -> None:
+        """``clip/ratio``: the global norm after clipping over the one before (1 for zero gradients);
+        ``clip/active``: 1 when clipping changed any parameter's norm. On the device, no synchronisation."""
+        norm_before, norm_after = global_norm(before), global_norm(after)
+        ratio = torch.where(norm_before > 0, norm_after / norm_before.clamp_min(torch.finfo(before.dtype).tiny), 1.0)
+        record.add(tags.CLIP_RATIO, ratio)
+        record.add(tags.CLIP_ACTIVE, (after != before).any().to(before.dtype))
+
+    def _record_after_clipping(
+        self, record: SummaryRecord, gradients: StepGradients, norms: Tensor, images: bool = False
+    ) -> None:
+        """The summaries after clipping; ``images`` (a picture step) also records the histograms the pictures
+        draw, whatever the summaries (they go to the artifacts only with the ``gradients`` summary)."""
         if self.clip is not None:
             for tag, value in self.clip.summaries().items():
                 record.add(tag, value)
@@ -367,14 +387,18 @@ class GradientPipeline:
             record.add(tags.CLIPPED_GLOBAL_NORM, global_norm(norms))
         if "gradient_norm" in self.summaries:
             record.add_parameter_norms(keys, norms)
-        if "gradients" in self.summaries:
+        statistics_logged = "gradients" in self.summaries
+        if statistics_logged or images:
             segments = statistics.GradientSegments(gradients.grads)
             moments = segments.moments(norms.dtype)
             if gradients.sharded:
                 moments = self.access.combine_over_shards(moments, gradients.layouts, statistics.combine_moments)
-            statistic_tags = [tags.gradient_statistic(key, stat) for key in keys for stat in tags.GRADIENT_STATISTICS]
-            record.add_rows(statistic_tags, statistics.gradient_statistics(moments, norms))
-            if self.histograms:
+            if statistics_logged:
+                statistic_tags = [
+                    tags.gradient_statistic(key, stat) for key in keys for stat in tags.GRADIENT_STATISTICS
+                ]
+                record.add_rows(statistic_tags, statistics.gradient_statistics(moments, norms))
+            if (self.histograms and statistics_logged) or images:
                 table = self._histograms(gradients, segments, moments)
                 record.add_histograms([entry.name for entry in gradients.entries], table)
 

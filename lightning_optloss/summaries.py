@@ -49,6 +49,7 @@ class StepSummaries:
         parameter_norms: ``{parameter key: gradient norm}`` (summary ``gradient_norm``), in the module's order.
         histograms: The gradient histograms (summary ``gradients`` with an MLflow logger).
         nonfinite: ``{monitor id: values}`` of the non-finite bookkeeping that rode along (not metrics).
+        image_norms: ``{parameter index: (norm before clipping, norm after)}`` on a step that draws pictures.
     """
 
     step: int
@@ -57,6 +58,7 @@ class StepSummaries:
     parameter_norms: dict[str, float] = field(default_factory=dict)
     histograms: list[Histogram] = field(default_factory=list)
     nonfinite: dict[int, list[float]] = field(default_factory=dict)
+    image_norms: dict[int, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +79,7 @@ class SummaryRecord:
     norms: Tensor | None = None
     nonfinite: dict[int, Tensor] = field(default_factory=dict)
     histogram_tables: list[tuple[list[str], Tensor]] = field(default_factory=list)
+    image_rows: list[tuple[list[int], Tensor]] = field(default_factory=list)
 
     def add(self, tag: str, value: Tensor | float) -> None:
         """Add one value (a float, or a 0-d tensor) under ``tag``."""
@@ -101,12 +104,19 @@ class SummaryRecord:
         """Add the histograms of ``params``: row ``i`` of ``table`` (``histogram_table``) is ``params[i]``'s."""
         self.histogram_tables.append((params, table))
 
+    def add_image_rows(self, indices: list[int], norms: Tensor) -> None:
+        """Per-parameter norms for the step's pictures: ``norms[0][i]`` before clipping and ``norms[1][i]``
+        after, of the parameter with index ``indices[i]``; :meth:`resolve` returns them in
+        :attr:`StepSummaries.image_norms`."""
+        self.image_rows.append((indices, norms))
+
     def resolve(self) -> StepSummaries:
         """The summaries as Python floats, with one device-to-host transfer for all tensors."""
         norms = [] if self.norms is None else [self.norms]
         parts = [value.reshape(-1) for value in self.tensors.values()]
         parts += [values.reshape(-1) for values in [*(v for _, v in self.vectors), *norms, *self.nonfinite.values()]]
         parts += [table.reshape(-1) for _, table in self.histogram_tables]
+        parts += [rows.reshape(-1) for _, rows in self.image_rows]
         resolved = StepSummaries(self.step, scalars=dict(self.values))
         numbers = self._to_host(parts)
         position = 0
@@ -128,6 +138,11 @@ class SummaryRecord:
             for param in params:
                 resolved.histograms.append(Histogram.from_row(param, numbers[position : position + width]))
                 position += width
+        for indices, _ in self.image_rows:
+            count = len(indices)
+            before, after = numbers[position : position + count], numbers[position + count : position + 2 * count]
+            resolved.image_norms.update(zip(indices, zip(before, after, strict=True), strict=True))
+            position += 2 * count
         named = {**resolved.scalars, **rows}
         named.update((tags.parameter_norm(key), value) for key, value in resolved.parameter_norms.items())
         resolved.metrics = {tags.metric(self.name, tag): value for tag, value in named.items()}

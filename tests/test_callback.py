@@ -61,6 +61,8 @@ def test_all_summaries_with_float_clipping_use_tf_tag_names(mlflow_logger):
         "OptimizeLoss/learning_rate",
         "OptimizeLoss/global_norm/gradient_norm",
         "OptimizeLoss/global_norm/clipped_gradient_norm",
+        "OptimizeLoss/clip/ratio",  # beyond TF: the clip activity, with any clipping
+        "OptimizeLoss/clip/active",
         *(f"OptimizeLoss/gradient_norm/{p}" for p in ALL_PARAMS),
         *(f"OptimizeLoss/gradients/{p}/{s}" for p in ALL_PARAMS for s in ("mean", "std", "min", "max", "norm")),
     }
@@ -171,6 +173,8 @@ def test_variables_restrict_processing_and_summaries(mlflow_logger):
         "OptimizeLoss/gradient_norm/w2",
         "OptimizeLoss/global_norm/gradient_norm",
         "OptimizeLoss/global_norm/clipped_gradient_norm",
+        "OptimizeLoss/clip/ratio",
+        "OptimizeLoss/clip/active",
     }
 
 

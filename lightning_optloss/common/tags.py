@@ -23,6 +23,18 @@ SPIKE_THRESHOLD = "spike/threshold"
 SPIKE_SKIPPED = "spike/skipped"
 SPIKE_SKIPPED_STEPS = "spike/skipped_steps"
 """A run tag (not a metric): the last global steps ``skip_spikes`` skipped, comma-separated."""
+CLIP_RATIO = "clip/ratio"
+"""The global norm after clipping over the one before, in (0, 1] (any clipping)."""
+CLIP_ACTIVE = "clip/active"
+"""1 when clipping changed a gradient at the step, else 0."""
+CLIP_ACTIVITY = (CLIP_RATIO, CLIP_ACTIVE)
+"""The metrics beyond TF's summaries that every logged step with clipping carries."""
+GRADIENT_NORMS_IMAGE = "gradient_norms"
+"""The image key (relative to ``name``) of the per-parameter norm bars before and after clipping."""
+GRADIENT_HISTOGRAMS_IMAGE = "gradient_histograms"
+"""The image key (relative to ``name``) of the largest parameters' gradient distributions over time."""
+UNCLIPPED_GROUP = "unclipped"
+"""With per-group clipping, the image group of the parameters outside every group."""
 GRADIENT_STATISTICS = ("mean", "std", "min", "max", "norm")
 """The statistics logged per parameter for the ``gradients`` summary, in this order."""
 
@@ -64,6 +76,25 @@ def spike_threshold(watch: str) -> str:
     'spike/loss/threshold'
     """
     return f"spike/{watch}/threshold"
+
+
+def group_clip_activity(key: str, statistic: str) -> str:
+    """The tag of a clip group's activity, ``statistic`` ``"ratio"`` (its clipped over its raw norm) or
+    ``"active"``; ``key`` of its glob.
+
+    >>> group_clip_activity("encoder._", "ratio")
+    'clip/encoder._/ratio'
+    """
+    return f"clip/{key}/{statistic}"
+
+
+def norms_image(group: str | None = None) -> str:
+    """The image key (relative to ``name``) of the norm bars, of one clip group's parameters when ``group``.
+
+    >>> norms_image("encoder._")
+    'gradient_norms/encoder._'
+    """
+    return GRADIENT_NORMS_IMAGE if group is None else f"{GRADIENT_NORMS_IMAGE}/{group}"
 
 
 def metric_key(name: str) -> str:

@@ -3,16 +3,17 @@
 ``python -m lightning_optloss.example --output mlruns_example`` trains the digits CNN of
 :mod:`lightning_optloss.demos.demo` four times, briefly, with every OptimizeLoss summary:
 
-=====================  ===========================================================
+=====================  ==========================================================================================
 run name               OptimizeLoss
-=====================  ===========================================================
+=====================  ==========================================================================================
 ``no-clipping``        no clipping, no noise
 ``clip-1.0``           global-norm clipping at 1.0
-``adaptive-clipping``  ``adaptive_clipping_fn(global_step=True, report_summary=True)``
+``adaptive-clipping``  ``adaptive_clipping_fn(std_factor=0.5, decay=0.9, global_step=True, report_summary=True)``
 ``noise-0.01``         gradient noise scale 0.01, no clipping
-=====================  ===========================================================
+=====================  ==========================================================================================
 
-into experiment ``lightning_optloss-example`` of an sqlite store, ``<output>/mlflow.db``, with the artifacts in
+with gradient pictures in the image grid every other logged step, into experiment ``lightning_optloss-example``
+(tagged for MLflow's model-training view) of an sqlite store, ``<output>/mlflow.db``, with the artifacts in
 ``<output>/artifacts/``, and writes ``<output>/README.md`` with the ``mlflow ui`` command.
 
 The store must work wherever the folder is cloned. An sqlite store records each run's artifact location, and
@@ -32,27 +33,17 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from lightning_optloss.demos.example_store import ARTIFACTS, DATABASE, EXPERIMENT, RUN_NAMES, ui_command
 from lightning_optloss.mlflow.server import free_port, wait_until_healthy
 
-EXPERIMENT = "lightning_optloss-example"
-RUN_NAMES = ("no-clipping", "clip-1.0", "adaptive-clipping", "noise-0.01")
-DATABASE = "mlflow.db"
-ARTIFACTS = "artifacts"
 SERVER_START_SECONDS = 180
-
-
-def ui_command(folder: str = "mlruns_example", port: int | None = None) -> str:
-    """The ``mlflow ui`` command that shows the example store in ``folder`` (relative to the working directory)."""
-    command = (
-        f"mlflow ui --backend-store-uri sqlite:///{folder}/{DATABASE} --artifacts-destination {folder}/{ARTIFACTS}"
-    )
-    return command if port is None else f"{command} --port {port}"
 
 
 @contextlib.contextmanager
@@ -101,25 +92,32 @@ def callback_arguments(run_name: str) -> dict[str, Any]:
     differences: dict[str, dict[str, Any]] = {
         "no-clipping": {},
         "clip-1.0": {"clip_gradients": 1.0},
-        "adaptive-clipping": {"clip_gradients": adaptive_clipping_fn(global_step=True, report_summary=True)},
+        # TF's default (std_factor=2) never clips this short, steadily improving run; at half a standard deviation
+        # above the moving mean of the log-norm it acts on about a third of the steps.
+        "adaptive-clipping": {
+            "clip_gradients": adaptive_clipping_fn(std_factor=0.5, decay=0.9, global_step=True, report_summary=True)
+        },
         "noise-0.01": {"gradient_noise_scale": 0.01},
     }
     return {"summaries": OPTIMIZER_SUMMARIES, "seed": 0, **differences[run_name]}
 
 
-def train(tracking_uri: str, run_name: str, epochs: int, train_batches: int, log_every_n_steps: int) -> dict[str, Any]:
+def train(
+    tracking_uri: str, run_name: str, epochs: int, train_batches: int, log_every_n_steps: int, spill_dir: Path
+) -> dict[str, Any]:
     """One example run: the demo's digits CNN, TF's Adam with exponential decay, logged to ``tracking_uri``."""
     import lightning.pytorch as pl
-    from lightning.pytorch.loggers import MLFlowLogger
 
-    from lightning_optloss import OptimizeLoss
+    from lightning_optloss import MLFlowLogger, OptimizeLoss
     from lightning_optloss.demos.demo import DigitsClassifier, digits_loaders
 
     pl.seed_everything(0, verbose=False)
     # MLflow would record this machine's path of the script and its user; the store is committed.
     tags = {"mlflow.source.name": "python -m lightning_optloss.example", "mlflow.user": "lightning_optloss"}
-    logger = MLFlowLogger(experiment_name=EXPERIMENT, run_name=run_name, tracking_uri=tracking_uri, tags=tags)
-    callback = OptimizeLoss(**callback_arguments(run_name))
+    logger = MLFlowLogger(
+        experiment_name=EXPERIMENT, run_name=run_name, tracking_uri=tracking_uri, tags=tags, spill_dir=spill_dir
+    )
+    callback = OptimizeLoss(**callback_arguments(run_name), images_every_n_steps=2 * log_every_n_steps)
     trainer = pl.Trainer(
         max_epochs=epochs,
         limit_train_batches=train_batches if train_batches > 0 else 1.0,
@@ -174,7 +172,8 @@ def generate(
     results = []
     with mlflow_server(output, log=output.parent / f".{output.name}-server.log") as url, _plots_on():
         for run_name in RUN_NAMES:
-            results.append(train(url, run_name, epochs, train_batches, log_every_n_steps))
+            with tempfile.TemporaryDirectory() as spill_dir:  # the logger's spill folder; the local server takes all
+                results.append(train(url, run_name, epochs, train_batches, log_every_n_steps, Path(spill_dir)))
     (output.parent / f".{output.name}-server.log").unlink(missing_ok=True)
     with contextlib.closing(sqlite3.connect(output / DATABASE)) as database:
         database.execute("VACUUM")  # the schema's migrations leave free pages; the store is committed
@@ -211,8 +210,13 @@ From the folder that contains `{folder}/` (the repository root), wherever it was
 {ui_command(folder)}
 ```
 
-then browse <http://127.0.0.1:5000>, experiment `{EXPERIMENT}`. Each run has the `OptimizeLoss/...` metrics
-(Model metrics tab), the `optimize_loss.*` params and tags (Overview), and the artifacts
+then browse <http://127.0.0.1:5000>, experiment `{EXPERIMENT}` (MLflow's **Model training** switch at the
+top left, or directly <http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning>). Each run
+has the `OptimizeLoss/...` metrics
+(Model metrics tab; `OptimizeLoss/clip/ratio` and `OptimizeLoss/clip/active` show how hard and how often
+clipping acted), the gradient pictures with a step slider (Chart view of the experiment, or the run's Model
+metrics tab: `OptimizeLoss/gradient_norms`, `OptimizeLoss/gradient_histograms`), the `optimize_loss.*` params
+and tags (Overview), and the artifacts
 `optimize_loss/config.json`, `optimize_loss/histograms/gradients.jsonl` and `optimize_loss/plots/*.png`
 (Artifacts tab). Both options matter: `mlflow.db` holds runs, params and metrics; the artifacts are recorded as
 `mlflow-artifacts:/...` locations, which the server resolves inside `--artifacts-destination`.
@@ -229,7 +233,7 @@ python -m lightning_optloss.compare {" ".join(RUN_NAMES)} --experiment {EXPERIME
 _DESCRIPTIONS = {
     "no-clipping": "no clipping, no noise",
     "clip-1.0": "`clip_gradients=1.0` (global norm)",
-    "adaptive-clipping": "`adaptive_clipping_fn(global_step=True, report_summary=True)`",
+    "adaptive-clipping": "`adaptive_clipping_fn(std_factor=0.5, decay=0.9, global_step=True, report_summary=True)`",
     "noise-0.01": "`gradient_noise_scale=0.01`",
 }
 

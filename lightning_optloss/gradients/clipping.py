@@ -288,14 +288,23 @@ class GroupClipping(ClipBase):
             index = self._index[key] = torch.tensor(group_of, device=factors.device)
         return norms * torch.cat([factors, factors.new_ones(1)])[index]  # group -1 (unclipped): factor 1
 
+    def groups(self, names: Sequence[str]) -> list[int]:
+        """The group of each parameter of ``names`` (its position in ``patterns``; -1: in no group)."""
+        return list(self._group_of(names))
+
     def summaries(self) -> dict[str, Tensor]:
-        if not self.report_norms or self._last is None:
+        """Each group's clip activity (``clip/<group>/ratio``, its factor, and ``clip/<group>/active``), and with
+        ``report_norms`` its norms before and after clipping."""
+        if self._last is None:
             return {}
         group_norms, factors, _ = self._last
         values = {}
         for key, norm, factor in zip(self.group_keys, group_norms.unbind(), factors.unbind(), strict=True):
-            values[tags.group_norm(key)] = norm
-            values[tags.group_norm(key, clipped=True)] = norm * factor
+            values[tags.group_clip_activity(key, "ratio")] = factor
+            values[tags.group_clip_activity(key, "active")] = (factor < 1).to(factor.dtype)
+            if self.report_norms:
+                values[tags.group_norm(key)] = norm
+                values[tags.group_norm(key, clipped=True)] = norm * factor
         return values
 
     def __repr__(self) -> str:

@@ -81,6 +81,33 @@ class Thinned:
         self.seen += 1
 
 
+class LargestHistograms:
+    """The histograms of the ``parameters`` largest parameters (by elements, chosen when first seen, ties in the
+    module's order) at no more than ``steps`` evenly spaced steps (:class:`Thinned`)."""
+
+    def __init__(self, parameters: int = DISTRIBUTION_PARAMETERS, steps: int = DISTRIBUTION_STEPS) -> None:
+        self.parameters = parameters
+        self._sizes: dict[str, int] = {}
+        self._largest: list[str] = []
+        self._kept = Thinned(steps)
+
+    def add(self, step: int, histograms: Sequence[Histogram]) -> None:
+        """Take one step's histograms (any parameters; those of the largest are kept)."""
+        if any(histogram.param not in self._sizes for histogram in histograms):  # the first steps only
+            self._sizes.update({histogram.param: sum(histogram.counts) for histogram in histograms})
+            largest = set(sorted(self._sizes, key=lambda param: -self._sizes[param])[: self.parameters])
+            self._largest = [param for param in self._sizes if param in largest]  # in the module's order
+        self._kept.add((step, {h.param: (h.edges, h.counts) for h in histograms if h.param in self._largest}))
+
+    def rows(self) -> dict[str, list[tuple[int, list[float | None], list[int]]]]:
+        """``{param: [(step, edges, counts), ...]}`` of the kept steps, ascending; {} before any histogram."""
+        largest: dict[str, list[tuple[int, list[float | None], list[int]]]] = {p: [] for p in self._largest}
+        for step, chosen in self._kept.items:
+            for param, (edges, counts) in chosen.items():
+                largest[param].append((step, edges, counts))
+        return largest
+
+
 class RunArtifacts:
     """Collects one fit's histograms and plot series on rank 0 and uploads them to every MLflow logger.
 
@@ -99,10 +126,7 @@ class RunArtifacts:
         # Per logged step: the curves' values and the per-parameter norms (float32, in _norm_index order).
         self._rows = Thinned(MAX_POINTS)
         self._norm_index: dict[str, int] = {}  # parameter key of a gradient_norm tag -> position, first seen first
-        # The histograms of the largest parameters (chosen at the first logged step), for the distributions plot.
-        self._sizes: dict[str, int] = {}
-        self._largest: list[str] = []
-        self._distributions = Thinned(DISTRIBUTION_STEPS)
+        self._largest = LargestHistograms()  # for the distributions plot
         self.finished = False
         self.uploaded = False
         self.run_label = self._run_label()  # read now, while the server answers: the end of fit may be an outage
@@ -121,12 +145,7 @@ class RunArtifacts:
                 self.histogram_path.parent.mkdir(parents=True, exist_ok=True)
                 self._histogram_file = self.histogram_path.open("a", encoding="utf-8")
             self._histogram_file.writelines(histogram.to_json(step) + "\n" for histogram in histograms)
-            if any(histogram.param not in self._sizes for histogram in histograms):  # the first steps only
-                self._sizes.update({histogram.param: sum(histogram.counts) for histogram in histograms})
-                largest = set(sorted(self._sizes, key=lambda param: -self._sizes[param])[:DISTRIBUTION_PARAMETERS])
-                self._largest = [param for param in self._sizes if param in largest]  # in the module's order
-            chosen = {h.param: (h.edges, h.counts) for h in histograms if h.param in self._largest}
-            self._distributions.add((step, chosen))
+            self._largest.add(step, histograms)
         curves = {series: scalars[tag] for series, tag in CURVE_TAGS.items() if tag in scalars}
         norms = {
             self._norm_index.setdefault(key, len(self._norm_index)): value for key, value in parameter_norms.items()
@@ -217,10 +236,7 @@ class RunArtifacts:
                     plots.gradient_norm_heatmap(steps, names, norms, title), self.upload_dir / GRADIENT_NORMS
                 )
             )
-        largest: dict[str, list[tuple[int, list[float | None], list[int]]]] = {p: [] for p in self._largest}
-        for step, chosen in self._distributions.items:
-            for param, (edges, counts) in chosen.items():
-                largest[param].append((step, edges, counts))
+        largest = self._largest.rows()
         if largest:
             title = f"{self.name}: gradient distributions over time (largest parameters), {run_label}"
             figure = plots.gradient_distributions(largest, title)

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from lightning.pytorch.loggers import Logger, MLFlowLogger
+from PIL import Image
 
 try:  # MLflow's own limits, so a future MLflow that raises them is followed
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
@@ -84,3 +85,15 @@ def log_artifacts(logger: MLFlowLogger, local_dir: Path, artifact_path: str) -> 
     run_id = logger.run_id
     with _writes(logger):
         logger.experiment.log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+def log_image(logger: MLFlowLogger, key: str, image: Image.Image, step: int) -> None:
+    """Log ``image`` as frame ``step`` of the run's image grid under ``key`` (MLflow's ``log_image``).
+
+    Through the queue of a :class:`lightning_optloss.MLFlowLogger` (:meth:`~lightning_optloss.MLFlowLogger.log_image`);
+    for Lightning's stock logger, ``MlflowClient.log_image`` on the calling thread.
+    """
+    if _queues(logger):
+        logger.log_image(key, image, step)
+    else:
+        logger.experiment.log_image(logger.run_id, image, key=key, step=step)

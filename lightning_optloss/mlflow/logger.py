@@ -17,8 +17,10 @@ import contextlib
 import itertools
 import os
 import posixpath
+import re
 import shutil
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -43,6 +45,9 @@ from lightning_optloss.mlflow import records as mlflow_records
 from lightning_optloss.mlflow.delivery import Delivery, Record, make_private_folder
 
 _OWNER = "MLFlowLogger"
+_IMAGE_KEY = re.compile(r"[a-zA-Z0-9_\-./ ]+")  # what MlflowClient.log_image accepts
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+CUSTOM_MODEL_DEVELOPMENT = "custom_model_development"
 _STOCK_WARNING = (
     "Lightning's MLFlowLogger sends every logged step to the MLflow server on the training thread: it blocks "
     "training, and loses records or stops the run, when the server is unreachable. Use "
@@ -68,6 +73,16 @@ def create_sqlite_store_once(tracking_uri: str | None) -> None:
         MlflowClient(tracking_uri).search_experiments(max_results=1)
 
 
+def tag_experiment_kind(client: MlflowClient, experiment_id: str) -> None:
+    """Tag the experiment ``mlflow.experimentKind=custom_model_development`` unless it has that tag already.
+
+    MLflow 3's UI opens an experiment without the tag in its GenAI view ("Evaluation runs"); with it, in the
+    model-training view (runs, charts, the image grid). A value the user set is left as it is.
+    """
+    if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, CUSTOM_MODEL_DEVELOPMENT)
+
+
 class MLFlowLogger(StockMLFlowLogger):
     """Lightning's :class:`~lightning.pytorch.loggers.MLFlowLogger`, with the server calls off the training thread.
 
@@ -77,11 +92,17 @@ class MLFlowLogger(StockMLFlowLogger):
     logger's (its own methods run, with their client calls turned into queued records).
 
     **What is queued.** ``log_metrics`` (OptimizeLoss summaries and ``self.log`` alike: one record per call),
-    ``log_hyperparams``, :meth:`log_tags`, checkpoints logged with ``log_model`` (``after_save_checkpoint`` and
-    ``finalize``) and the final status. A call returns after appending to a queue in memory; the training thread
-    never waits for the network. Creating the run (the first access to :attr:`experiment`, before training)
-    stays synchronous, with MLflow's own retry settings: a server that is down before training starts is an
-    error at the start, not an outage. Calls made directly on :attr:`experiment` are MLflow's, synchronous.
+    ``log_hyperparams``, :meth:`log_tags`, :meth:`log_image`, checkpoints logged with ``log_model``
+    (``after_save_checkpoint`` and ``finalize``) and the final status. A call returns after appending to a queue
+    in memory; the training thread never waits for the network. Creating the run (the first access to
+    :attr:`experiment`, before training) stays synchronous, with MLflow's own retry settings: a server that is
+    down before training starts is an error at the start, not an outage. Calls made directly on
+    :attr:`experiment` are MLflow's, synchronous.
+
+    **Experiment kind.** An experiment this logger creates is tagged ``mlflow.experimentKind=
+    custom_model_development`` (:func:`tag_experiment_kind`), MLflow's mark of a model-training experiment; an
+    experiment that exists already is left as it is. (MLflow 3.17's UI lets its own GenAI / Model training
+    switch win over the tag: see ``docs/mlflow-live-views.md``.)
 
     **Outages.** A failed send is retried with exponential backoff (0.5 s doubling to 15 s); the records behind
     it wait, in order; one warning per kind of failure says so, telling "cannot reach" from "answered 5xx/429"
@@ -202,7 +223,13 @@ class MLFlowLogger(StockMLFlowLogger):
 
         While this logger's own methods run, a stand-in answers that queues each client call as a record.
         """
+        creating = not self._initialized and self._run_id is None and self._experiment_id is None
+        if creating:  # the stock logger creates the experiment unless one of this name is active
+            existing = self._mlflow_client.get_experiment_by_name(self._experiment_name)
+            creating = existing is None or existing.lifecycle_stage == "deleted"
         client = super().experiment
+        if creating:
+            tag_experiment_kind(client, self._experiment_id)
         return self._queueing_client if getattr(self._local, "queueing", False) else client
 
     def queued(self) -> contextlib.AbstractContextManager[None]:
@@ -240,6 +267,66 @@ class MLFlowLogger(StockMLFlowLogger):
         """Set tags of the run (values as strings), queued like the metrics."""
         if tags:
             self._put(mlflow_records.batch_record(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+
+    @rank_zero_only
+    def log_image(self, key: str, image: Any, step: int) -> None:
+        """Queue ``image`` (a ``PIL.Image`` or an ``(H, W[, 3|4])`` uint8 array) as MLflow's ``log_image(key=key,
+        step=step)``: one frame of the run's image grid under ``key``, at ``step`` in its slider.
+
+        The PNG is written now into the staging folder beside the spill file (``compress_level=1``: a few
+        milliseconds), then delivered by the worker thread with its 256-pixel thumbnail, retried, spilled and
+        replayed like every record (:mod:`lightning_optloss.mlflow.records`, type ``image``). When the disk
+        refuses the PNG (full or read-only), it is uploaded directly from a temporary folder, as an artifact that
+        cannot be staged is, and counted as dropped, with a warning, if that fails too.
+
+        Args:
+            key: MLflow's image key: letters, digits and ``_ - . / space``.
+            image: The picture.
+            step: The step it belongs to (>= 0).
+        """
+        from PIL import Image
+
+        if not isinstance(key, str) or not key or not _IMAGE_KEY.fullmatch(key):
+            raise validation.invalid(_OWNER, "key", "a non-empty string of letters, digits and _ - . / space", key)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise validation.invalid(_OWNER, "step", "an integer >= 0", step)
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(image)
+        timestamp = int(time.time() * 1000)
+        run_id = self.run_id
+        if self._delivery is None:
+            self._delivery = self._new_delivery(run_id)
+        assert self._staging is not None
+        folder = self._staging / str(next(self._staged))
+        path = folder / "image.png"
+        try:
+            make_private_folder(folder)
+            image.save(path, format="PNG", compress_level=1)
+        except OSError as error:
+            self._delivery.disk.failed_writes += 1
+            self._delivery.disk.error = error
+            shutil.rmtree(folder, ignore_errors=True)
+            self._log_image_now(image, run_id, key, step, timestamp)
+            return
+        self._put(mlflow_records.image_record(run_id, str(path), key, step, timestamp))
+
+    def _log_image_now(self, image: Any, run_id: str, key: str, step: int, timestamp: int) -> None:
+        """Upload a picture the spill folder would not take, on this thread, from a temporary folder."""
+        assert self._delivery is not None
+        try:
+            with tempfile.TemporaryDirectory() as temporary:
+                path = Path(temporary) / "image.png"
+                image.save(path, format="PNG", compress_level=1)
+                self._upload_now(mlflow_records.image_record(run_id, str(path), key, step, timestamp))
+        except OSError as error:
+            self._delivery.disk.drop(mlflow_records.image_record(run_id, "", key, step, timestamp))
+            warnings.warn(
+                f"{_OWNER}: could not write the picture {key!r} of step {step} anywhere ({_brief(error)}); it is "
+                "not in the run.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self._warn_about_delivery()
 
     @override
     def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
@@ -312,7 +399,7 @@ class MLFlowLogger(StockMLFlowLogger):
     def _send(self, record: Record) -> None:
         """Deliver one record (on the worker thread); a staged artifact file is removed once uploaded."""
         self._sender(record)
-        if record["type"] == "artifact":
+        if record["type"] in mlflow_records.STAGED_TYPES:
             outbox.remove_staged(Path(record["local_path"]))
 
     def _close(self) -> None:

@@ -23,6 +23,7 @@ Series = tuple[Sequence[int], Sequence[float]]
 HistogramRow = tuple[int, Sequence[float | None], Sequence[int]]  # step, edges, counts
 
 STEP_LABEL = "global step (optimizer updates)"
+LABELLED_ROWS = 150  # the gradient-norm heatmap names every parameter up to this many
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">"]
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
 
@@ -132,7 +133,9 @@ def gradient_norm_heatmap(steps: Sequence[int], names: Sequence[str], norms: np.
     values = np.asarray(norms, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
         logs = np.where(values > 0, np.log10(values), np.nan)
-    height = min(2.0 + 0.32 * len(names), 14.0)
+    # Every row labelled: about 15 pixels per row at 7-point type (the picture grows with the model), up to
+    # LABELLED_ROWS rows; beyond that every n-th row is labelled.
+    height = 2.0 + (0.32 if len(names) <= 12 else 0.15) * min(len(names), LABELLED_ROWS)
     figure = new_figure(10, max(height, 3.5))
     axes = figure.subplots()
     finite = logs[np.isfinite(logs)]
@@ -143,9 +146,9 @@ def gradient_norm_heatmap(steps: Sequence[int], names: Sequence[str], norms: np.
         _step_edges(steps), np.arange(len(names) + 1), np.ma.masked_invalid(logs), cmap="viridis", vmin=low, vmax=high
     )
     axes.set_ylim(len(names), 0)  # first parameter (the input side of the network) on top
-    every = max(1, math.ceil(len(names) / 40))
+    every = max(1, math.ceil(len(names) / LABELLED_ROWS))
     axes.set_yticks(np.arange(len(names))[::every] + 0.5, [names[i] for i in range(0, len(names), every)])
-    axes.tick_params(axis="y", labelsize=8 if len(names) > 12 else 9)
+    axes.tick_params(axis="y", labelsize=7 if len(names) > 12 else 9)
     axes.set_xlabel(STEP_LABEL)
     axes.set_title(title, fontsize=12)
     colorbar = figure.colorbar(mesh, ax=axes, pad=0.01)

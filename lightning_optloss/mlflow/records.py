@@ -11,6 +11,8 @@ A record is one MLflow call, as a JSON object (one per line in the ``*.jsonl`` s
     {"type": "artifact", "run_id": "<run id>", "local_path": "/abs/path/epoch=0-step=7.ckpt",
      "artifact_path": "epoch=0-step=7"}
     {"type": "status", "run_id": "<run id>", "status": "FINISHED", "end_time": 1764063009000}
+    {"type": "image", "run_id": "<run id>", "local_path": "/abs/path/image.png", "key": "OptimizeLoss/gradient_norms",
+     "step": 500, "timestamp": 1764063000123, "uuid": "<uuid4>"}
 
 - ``batch``: one ``log_batch`` (one per logged step; ``metrics``, ``params`` and ``tags`` may each be empty).
   ``timestamp`` (milliseconds since the epoch) and ``step`` are those of the original call, so a replay shows
@@ -18,6 +20,11 @@ A record is one MLflow call, as a JSON object (one per line in the ``*.jsonl`` s
 - ``artifact``: upload the file at ``local_path`` (absolute) into ``artifact_path`` (``null``: the run's
   artifact root). The file must still exist when the record is delivered.
 - ``status``: ``set_terminated`` with the run status and the end time (milliseconds) of the original call.
+- ``image``: ``MlflowClient.log_image(run_id, image, key=key, step=step, timestamp=timestamp)`` for the PNG at
+  ``local_path``: the PNG and its 256-pixel WebP thumbnail go to ``images/<key, / as ~>+step+<step>+timestamp+
+  <timestamp>+<uuid>[+compressed].{png,webp}`` (MLflow's names, which its image grid reads) and the run gets
+  the tag ``mlflow.loggedImages``. The ``uuid`` is chosen when the record is made, so a record sent twice
+  overwrites its own files instead of showing twice in the grid.
 
 A record refused by the server (see :func:`is_permanent`) is written with an extra ``"error"`` key.
 
@@ -34,6 +41,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +62,9 @@ except ImportError:  # pragma: no cover - the values of MLflow 3.17
     MAX_METRICS_PER_BATCH = 1000
     MAX_PARAMS_TAGS_PER_BATCH = 100
 
-RECORD_TYPES = ("batch", "artifact", "status")
+RECORD_TYPES = ("batch", "artifact", "status", "image")
+STAGED_TYPES = ("artifact", "image")
+"""The record types whose ``local_path`` is a staged file (in the spill file's own ``.artifacts/`` folder)."""
 
 
 def batch_record(
@@ -77,6 +89,19 @@ def artifact_record(run_id: str, local_path: str, artifact_path: str | None) -> 
 def status_record(run_id: str, status: str, end_time: int) -> Record:
     """``set_terminated`` with ``end_time`` in milliseconds since the epoch."""
     return {"type": "status", "run_id": run_id, "status": status, "end_time": end_time}
+
+
+def image_record(run_id: str, local_path: str, key: str, step: int, timestamp: int) -> Record:
+    """``log_image`` of the PNG at ``local_path`` under ``key`` at ``step`` (``timestamp`` in milliseconds)."""
+    return {
+        "type": "image",
+        "run_id": run_id,
+        "local_path": local_path,
+        "key": key,
+        "step": int(step),
+        "timestamp": int(timestamp),
+        "uuid": str(uuid.uuid4()),
+    }
 
 
 @dataclass
@@ -132,6 +157,13 @@ def malformation(record: object) -> str | None:
             return "a batch record whose tags are not a list"
     elif record["type"] == "artifact" and not isinstance(record.get("local_path"), str):
         return "an artifact record without a local_path"
+    elif record["type"] == "image" and not (
+        isinstance(record.get("local_path"), str)
+        and isinstance(record.get("key"), str)
+        and all(isinstance(record.get(name), int) for name in ("step", "timestamp"))
+        and isinstance(record.get("uuid"), str)
+    ):
+        return "an image record without a local_path, key, step, timestamp and uuid"
     elif record["type"] == "status" and not (
         isinstance(record.get("status"), str) and isinstance(record.get("end_time"), int)
     ):
@@ -140,9 +172,9 @@ def malformation(record: object) -> str | None:
 
 
 def outside_staging(record: Record, spill_path: Path) -> str | None:
-    """For an artifact record read from ``spill_path``: its file when that is not under the spill file's own
-    ``<name>.artifacts/`` folder (replay refuses to upload it), else None."""
-    if record["type"] != "artifact":
+    """For an artifact or image record read from ``spill_path``: its file when that is not under the spill file's
+    own ``<name>.artifacts/`` folder (replay refuses to upload it), else None."""
+    if record["type"] not in STAGED_TYPES:
         return None
     staging = spill_path.resolve().with_suffix(".artifacts")
     local = Path(record["local_path"])
@@ -209,7 +241,7 @@ def failure_kind(error: BaseException) -> str:
 
 def summary(records: Iterable[Record]) -> str:
     """What records hold, in words: ``"3 metric values at 2 steps, 1 param, 1 artifact, status FINISHED"``."""
-    counts = {"metric value": 0, "param": 0, "tag": 0, "artifact": 0}
+    counts = {"metric value": 0, "param": 0, "tag": 0, "artifact": 0, "image": 0}
     steps: set[int] = set()
     statuses: list[str] = []
     for record in records:
@@ -218,8 +250,8 @@ def summary(records: Iterable[Record]) -> str:
             counts["param"] += len(record["params"])
             counts["tag"] += len(record["tags"])
             steps.update(metric["step"] for metric in record["metrics"])
-        elif record["type"] == "artifact":
-            counts["artifact"] += 1
+        elif record["type"] in ("artifact", "image"):
+            counts[record["type"]] += 1
         else:
             statuses.append(record["status"])
     parts = [f"{count} {name}{'s' if count != 1 else ''}" for name, count in counts.items() if count]
@@ -300,3 +332,22 @@ class Sender:
             self._client.log_artifact(run_id, record["local_path"], record.get("artifact_path"))
         elif kind == "status":
             self._client.set_terminated(run_id, record["status"], record["end_time"])
+        elif kind == "image":
+            self._log_image(record)
+
+    def _log_image(self, record: Record) -> None:
+        """What ``MlflowClient.log_image`` uploads for a key and step, with the record's uuid in the names."""
+        from mlflow.tracking.multimedia import compress_image_size
+        from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_IMAGES
+        from PIL import Image
+
+        run_id, source = record["run_id"], Path(record["local_path"])
+        key = record["key"].replace("/", "~")
+        name = f"{key}+step+{record['step']}+timestamp+{record['timestamp']}+{record['uuid']}"
+        with tempfile.TemporaryDirectory() as folder, Image.open(source) as image:
+            picture, thumbnail = Path(folder) / f"{name}.png", Path(folder) / f"{name}+compressed.webp"
+            shutil.copyfile(source, picture)
+            compress_image_size(image).save(thumbnail)
+            self._client.log_artifact(run_id, str(picture), "images")
+            self._client.log_artifact(run_id, str(thumbnail), "images")
+        self._client.set_tag(run_id, MLFLOW_LOGGED_IMAGES, "True")

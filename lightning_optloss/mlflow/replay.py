@@ -98,7 +98,10 @@ def dry_run(path: Path, found: RecordFile, tracking_uri: str) -> bool:
         if (local := outside_staging(record, path))
     ]
     for position, local in refused:
-        print(f"{path}: record {position} (artifact) would be refused: {local} is outside {_staging(path)}")
+        print(
+            f"{path}: record {position} ({found.records[position - 1]['type']}) would be refused: {local} is "
+            f"outside {_staging(path)}"
+        )
     sent = [record for position, record in enumerate(found.records, start=1) if position not in dict(refused)]
     print(
         f"{path}: would send {len(sent)} of {len(found.records)} records to run {_runs(found.records)} at "
@@ -115,7 +118,7 @@ def replay(sender: Sender, path: Path, records: list[Record]) -> bool:
         local = outside_staging(record, path)
         if local is not None:
             print(
-                f"{path}: record {position} (artifact) refused: {local} is outside {_staging(path)}, where the "
+                f"{path}: record {position} ({record['type']}) refused: {local} is outside {_staging(path)}, where the "
                 "logger stages the files it uploads; copy it there to upload it",
                 file=sys.stderr,
             )

@@ -3,19 +3,24 @@
 :func:`start` runs at the start of fit on rank 0 with an MLflow logger: it logs the run configuration
 (:mod:`lightning_optloss.mlflow.run_info`) and, when summaries are logged, returns the
 :class:`~lightning_optloss.mlflow.artifacts.RunArtifacts` that collects the plots and histograms, which the
-callback feeds every logged step and finishes at the end of fit (or after an exception).
+callback feeds every logged step and finishes at the end of fit (or after an exception). :func:`start_images`
+returns the :class:`~lightning_optloss.mlflow.live_images.RunImages` that draws the per-step pictures.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 
+from lightning_optloss.common.parameters import NamedParameter
 from lightning_optloss.gradients import histograms
+from lightning_optloss.gradients.clipping import GroupClipping
+from lightning_optloss.gradients.contract import ClipTransform
 from lightning_optloss.mlflow import artifacts, run_info
 from lightning_optloss.mlflow import io as mlflow_io
+from lightning_optloss.mlflow.live_images import RunImages
 
 
 def start(
@@ -51,3 +56,18 @@ def log_skipped_steps(trainer: pl.Trainer, name: str, steps: list[int], logged: 
     if steps != logged:
         run_info.log_skipped_steps(trainer.loggers, name, steps)
     return list(steps)
+
+
+def start_images(
+    trainer: pl.Trainer, name: str, params: Sequence[NamedParameter], clip: ClipTransform | None
+) -> RunImages | None:
+    """The per-step pictures of the callback ``name`` on rank 0 with an MLflow logger (None elsewhere): one
+    norms picture per clip group with per-group clipping (``clip`` a
+    :class:`~lightning_optloss.gradients.clipping.GroupClipping`)."""
+    if not trainer.is_global_zero or not mlflow_io.mlflow_loggers(trainer.loggers):
+        return None
+    names = {entry.index: entry.name for entry in params}
+    if not isinstance(clip, GroupClipping):
+        return RunImages(trainer.loggers, name, names)
+    groups = dict(zip(names, clip.groups(list(names.values())), strict=True))
+    return RunImages(trainer.loggers, name, names, groups, clip.group_keys)

@@ -52,11 +52,15 @@ def chromium_path() -> str:
     return str(found)
 
 
+# Another store made by `python -m lightning_optloss.example --output FOLDER` instead of the committed one.
+STORE = Path(os.environ.get("LIGHTNING_OPTLOSS_EXAMPLE_STORE", REPOSITORY / "mlruns_example"))
+
+
 @pytest.fixture(scope="module")
 def mlflow_ui(tmp_path_factory):
     """The README's `mlflow ui` command on a copy of mlruns_example, started from the folder above the copy."""
     clone = tmp_path_factory.mktemp("clone")
-    shutil.copytree(REPOSITORY / "mlruns_example", clone / "mlruns_example")
+    shutil.copytree(STORE, clone / "mlruns_example")
     port = example.free_port()
     words = shlex.split(example.ui_command("mlruns_example", port))
     assert words[:2] == ["mlflow", "ui"]
@@ -195,3 +199,56 @@ def test_the_experiments_chart_view_compares_the_runs_metrics(page, mlflow_ui):
     ).to_be_visible()
     page.wait_for_timeout(1500)
     screenshot(page, "experiment_charts")
+
+
+def chart_view(page, url: str, search: str) -> None:
+    """The experiment's chart view in the model-training workflow, the charts filtered by ``search``."""
+    page.goto(f"{url}/#/experiments/1/runs?workflowType=machine_learning&compareRunsMode=CHART")
+    close_the_assistant(page)
+    page.get_by_placeholder("Search metric charts").fill(search)
+
+
+def test_the_experiment_is_tagged_for_and_shown_in_the_model_training_view(page, mlflow_ui):
+    from playwright.sync_api import expect
+
+    experiment = page.request.get(f"{mlflow_ui}/ajax-api/2.0/mlflow/experiments/get?experiment_id=1").json()
+    tags = {tag["key"]: tag["value"] for tag in experiment["experiment"]["tags"]}
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    page.goto(f"{mlflow_ui}/#/experiments/1/runs?workflowType=machine_learning")
+    for run_name in example.RUN_NAMES:
+        expect(page.get_by_role("link", name=run_name, exact=True).first).to_be_visible()
+    expect(page.get_by_text("Evaluation runs", exact=True)).to_have_count(0)  # GenAI's side navigation
+    screenshot(page, "model_training_view")
+
+
+def test_the_image_grid_follows_its_step_slider(page, mlflow_ui):
+    """The ``gradient_histograms`` card: its slider moves to the last step, its pictures change."""
+    from playwright.sync_api import expect
+
+    chart_view(page, mlflow_ui, "OptimizeLoss/gradient_histograms")
+    slider = page.get_by_role("slider").first
+    expect(slider).to_be_visible()
+    assert slider.get_attribute("aria-valuenow") == "0"
+    last = int(slider.get_attribute("aria-valuemax"))
+    assert last > 0
+    pictures = page.locator("img[src*='gradient_histograms']")
+    expect(pictures.first).to_be_visible()
+    page.wait_for_timeout(1500)
+    before = sorted(pictures.evaluate_all("images => images.map(image => image.src)"))
+    assert all("step%2B0%2B" in src for src in before), before
+    screenshot(page, "image_grid_step_0")
+    thumb = slider.bounding_box()  # a person drags the thumb to the right end of its track
+    page.mouse.move(thumb["x"] + thumb["width"] / 2, thumb["y"] + thumb["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(thumb["x"] + 400, thumb["y"] + thumb["height"] / 2, steps=10)
+    page.mouse.up()
+    expect(slider).to_have_attribute("aria-valuenow", str(last))
+    page.wait_for_function(
+        "() => [...document.querySelectorAll(\"img[src*='gradient_histograms']\")]"
+        ".some(image => !image.src.includes('step%2B0%2B'))"
+    )
+    after = sorted(pictures.evaluate_all("images => images.map(image => image.src)"))
+    # Each run shows its frame nearest the slider's step (a run that stopped early keeps its last one).
+    assert after != before and any(f"step%2B{last}%2B" in src for src in after), after
+    page.wait_for_timeout(1500)
+    screenshot(page, "image_grid_last_step")
