@@ -12,8 +12,8 @@ run name               OptimizeLoss
 ``noise-0.01``         gradient noise scale 0.01, no clipping
 =====================  ==========================================================================================
 
-with gradient pictures in the image grid every other logged step, into experiment ``lightning_optloss-example``
-(tagged for MLflow's model-training view) of an sqlite store, ``<output>/mlflow.db``, with the artifacts in
+with gradient pictures in the image grid every sixth logged step (five frames a run, to keep the store small),
+into experiment ``lightning_optloss-example`` (tagged for MLflow's model-training view) of an sqlite store, ``<output>/mlflow.db``, with the artifacts in
 ``<output>/artifacts/``, and writes ``<output>/README.md`` with the ``mlflow ui`` command.
 
 The store must work wherever the folder is cloned. An sqlite store records each run's artifact location, and
@@ -117,7 +117,7 @@ def train(
     logger = MLFlowLogger(
         experiment_name=EXPERIMENT, run_name=run_name, tracking_uri=tracking_uri, tags=tags, spill_dir=spill_dir
     )
-    callback = OptimizeLoss(**callback_arguments(run_name), images_every_n_steps=2 * log_every_n_steps)
+    callback = OptimizeLoss(**callback_arguments(run_name), images_every_n_steps=6 * log_every_n_steps)
     trainer = pl.Trainer(
         max_epochs=epochs,
         limit_train_batches=train_batches if train_batches > 0 else 1.0,
