@@ -13,8 +13,9 @@ run name               OptimizeLoss
 =====================  ==========================================================================================
 
 with gradient pictures in the image grid every sixth logged step (five frames a run, to keep the store small),
-into experiment ``lightning_optloss-example`` (tagged for MLflow's model-training view) of an sqlite store, ``<output>/mlflow.db``, with the artifacts in
-``<output>/artifacts/``, and writes ``<output>/README.md`` with the ``mlflow ui`` command.
+into experiment ``lightning_optloss-example`` (tagged for MLflow's model-training view) of an sqlite store,
+``<output>/mlflow.db``, with the artifacts in ``<output>/artifacts/``, and writes ``<output>/README.md`` with the
+``mlflow ui`` command.
 
 The store must work wherever the folder is cloned. An sqlite store records each run's artifact location, and
 MLflow makes a local one absolute; so the runs are logged through a temporary ``mlflow server`` (127.0.0.1, a
