@@ -6,14 +6,12 @@ from __future__ import annotations
 import re
 import uuid
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from lightning.pytorch.loggers import MLFlowLogger as StockMLFlowLogger
 from mlflow import MlflowClient
-from mlflow_server import MlflowServer
 from support import TinyRegression, make_trainer, metric_history, regression_data
 
 from lightning_optloss import MLFlowLogger, OptimizeLoss, agc_clipping_fn, autoclip_fn
@@ -25,23 +23,6 @@ from lightning_optloss.mlflow.logger import CUSTOM_MODEL_DEVELOPMENT, EXPERIMENT
 IMAGE_NAME = re.compile(
     r"(?P<key>.+)\+step\+(?P<step>\d+)\+timestamp\+\d+\+[0-9a-f-]{36}(?P<thumb>\+compressed)?\.(png|webp)"
 )
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    launched = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    launched.launch()
-    yield launched
-    launched.kill()
-
-
-@pytest.fixture
-def live_server(server: MlflowServer) -> MlflowServer:
-    if server.running:
-        server.wait_ready()
-    else:
-        server.start()
-    return server
 
 
 @pytest.fixture

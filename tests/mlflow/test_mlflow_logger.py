@@ -11,7 +11,6 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,23 +31,9 @@ SUMMARIES = ("OptimizeLoss/loss", "OptimizeLoss/learning_rate", "OptimizeLoss/gl
 HPARAMS = {"width": 8, "optimizer": "SGD"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    """Launched when the module starts: the tests without a server run while it boots."""
-    launched = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    launched.launch()
-    yield launched
-    launched.kill()
-
-
-@pytest.fixture
-def live_server(server: MlflowServer) -> MlflowServer:
-    """The module's server, answering (started again if a failed test left it down)."""
-    if server.running:
-        server.wait_ready()
-    else:
-        server.start()
-    return server
+# The module's server (tests/mlflow/conftest.py) is launched when the module starts: the tests without a server
+# run while it boots.
+pytestmark = pytest.mark.usefixtures("server")
 
 
 class LoggingRegression(TinyRegression):
