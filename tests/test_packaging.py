@@ -217,4 +217,4 @@ def test_wheel_installs_and_imports_in_a_clean_venv(wheel: Path, tmp_path: Path)
     helped = subprocess.run(
         [str(venv / "bin" / "optloss-replay"), "--help"], capture_output=True, text=True, env=environment, timeout=180
     )
-    assert helped.returncode == 0 and "FILE" in helped.stdout, helped.stderr
+    assert helped.returncode == 0 and "PATH [PATH ...]" in helped.stdout, helped.stderr

@@ -399,7 +399,7 @@ def test_inspect_prints_variables_mapping_and_leftovers(tmp_path, monkeypatch, c
 @pytest.mark.distributed
 def test_ddp_two_processes_continue_on_tf_trajectory(tmp_path):
     case = CASES["opt_adam"]
-    script = Path(__file__).parent / "distributed" / "tf_checkpoint_ddp.py"
+    script = Path(__file__).parents[1] / "distributed" / "tf_checkpoint_ddp.py"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     done = run_process_group(
         [*command, str(script), "opt_adam", str(tmp_path)], timeout=300, env=subprocess_environment()
