@@ -24,6 +24,9 @@ _TRUNCATION = 2.0  # standard deviations, as tf.random.truncated_normal
 _TRUNCATED_STD = 0.8796256610342398  # std of a standard normal truncated at ±2
 
 
+_CDF_SPAN = math.erf(_TRUNCATION / math.sqrt(2.0))  # P(|z| < 2) = 2 * Phi(2) - 1
+
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -51,41 +54,22 @@ def noise_seed(seed: int, step: int, chunk: int) -> int:
 def truncated_normal(
     shape: Sequence[int], generator: torch.Generator, device: torch.device, out: Tensor | None = None
 ) -> Tensor:
-    """Standard normal samples cut at ±2 standard deviations (``tf.random.truncated_normal``), float32.
+    """Standard normal samples cut at ±2 standard deviations (``tf.random.truncated_normal``'s law), float32.
 
-    On the CPU, out-of-range samples are redrawn (:func:`truncated_normal_by_redrawing`, TF's method, about
-    1.6x the cost of ``torch.randn``); on accelerators the inverse CDF is used
-    (:func:`truncated_normal_by_inverse_cdf`), which needs no host synchronisation. Both give the same
-    distribution, not the same numbers. ``out`` (float32, of ``shape``, on ``device``), when given, receives
-    the samples (the same numbers as without it).
+    By the inverse CDF, ``sqrt(2) * erfinv(v)`` for ``v`` uniform in ``[-erf(sqrt(2)), erf(sqrt(2)))`` (the
+    normal's mass within ±2): one generator call and three elementwise passes, no host synchronisation on
+    any device, about 1.3x the cost of ``torch.randn`` on a CPU. TF redraws the samples beyond ±2 instead: the
+    same distribution, other numbers (TF's noise was unseeded, so it had no numbers to keep). ``out`` (float32,
+    of ``shape``, on ``device``), when given, receives the samples (the same numbers as without it).
+
+    >>> sample = truncated_normal((100_000,), torch.Generator().manual_seed(0), torch.device("cpu"))
+    >>> bool(sample.abs().max() <= 2.0), round(float(sample.std()), 2)
+    (True, 0.88)
     """
-    if device.type == "cpu":
-        return truncated_normal_by_redrawing(shape, generator, device, out)
-    return truncated_normal_by_inverse_cdf(shape, generator, device, out)
-
-
-def truncated_normal_by_redrawing(
-    shape: Sequence[int], generator: torch.Generator, device: torch.device, out: Tensor | None = None
-) -> Tensor:
-    """Draw normals, redraw those beyond ±2 until none is left (reads the count: syncs on accelerators)."""
-    sample = torch.randn(shape, generator=generator, device=device, out=out)
-    flat = sample.view(-1)
-    outside = (flat.abs() > _TRUNCATION).nonzero().squeeze(1)
-    while outside.numel():
-        redrawn = torch.randn(outside.numel(), generator=generator, device=device)
-        flat[outside] = redrawn
-        outside = outside[redrawn.abs() > _TRUNCATION]
-    return sample
-
-
-def truncated_normal_by_inverse_cdf(
-    shape: Sequence[int], generator: torch.Generator, device: torch.device, out: Tensor | None = None
-) -> Tensor:
-    """``sqrt(2) * erfinv(2u - 1)`` for ``u`` uniform between the CDF at -2 and at +2: no host sync."""
-    bound = 0.5 * (1.0 + math.erf(_TRUNCATION / math.sqrt(2.0)))
     sample = torch.empty(shape, device=device) if out is None else out
-    sample.uniform_(1.0 - bound, bound, generator=generator)
-    return sample.mul_(2.0).sub_(1.0).erfinv_().mul_(math.sqrt(2.0)).clamp_(-_TRUNCATION, _TRUNCATION)
+    sample.uniform_(-_CDF_SPAN, _CDF_SPAN, generator=generator)
+    # clamp_: erfinv's rounding at the ends of the interval may land a float32 ulp beyond ±2.
+    return sample.erfinv_().mul_(math.sqrt(2.0)).clamp_(-_TRUNCATION, _TRUNCATION)
 
 
 @dataclass(frozen=True)

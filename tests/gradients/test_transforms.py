@@ -13,8 +13,7 @@ from lightning_optloss.gradients import clipping, multipliers, statistics
 from lightning_optloss.gradients.noise import (
     GradientNoise,
     noise_seed,
-    truncated_normal_by_inverse_cdf,
-    truncated_normal_by_redrawing,
+    truncated_normal,
 )
 from lightning_optloss.gradients.norms import global_norm, parameter_norms
 
@@ -144,16 +143,32 @@ def test_noise_seed_depends_on_seed_step_and_chunk_and_fits_63_bits():
     assert noise_seed(7, 100, 3) == noise_seed(7, 100, 3)
 
 
-@pytest.mark.parametrize("draw", [truncated_normal_by_redrawing, truncated_normal_by_inverse_cdf])
-def test_truncated_normal_is_cut_at_two_with_std_0_88(draw):
+def test_truncated_normal_is_cut_at_two_with_std_0_88():
     generator = torch.Generator().manual_seed(0)
-    sample = draw((400_000,), generator, torch.device("cpu"))
+    sample = truncated_normal((400_000,), generator, torch.device("cpu"))
     assert sample.dtype == torch.float32
     assert float(sample.abs().max()) <= 2.0
     assert abs(float(sample.mean())) < 0.005
     assert float(sample.std()) == pytest.approx(GradientNoise.truncated_std, rel=0.01)
     # The density is a normal's: about 68.27/95.45 of the mass within one standard deviation.
     assert float((sample.abs() <= 1.0).float().mean()) == pytest.approx(0.6827 / 0.9545, rel=0.01)
+
+
+def test_truncated_normal_follows_the_truncated_normal_law_into_its_tails():
+    sample = truncated_normal((400_000,), torch.Generator().manual_seed(1), torch.device("cpu"))
+    ordered = sample.double().sort().values
+    phi = torch.special.ndtr
+    law = (phi(ordered) - phi(torch.tensor(-2.0))) / (phi(torch.tensor(2.0)) - phi(torch.tensor(-2.0)))
+    empirical = torch.arange(1, len(ordered) + 1, dtype=torch.float64) / len(ordered)
+    assert float((law - empirical).abs().max()) < 1.63 / math.sqrt(len(ordered))  # Kolmogorov-Smirnov at 1 %
+    assert ordered[0] < -1.999 and ordered[-1] > 1.999  # the tails reach the cut
+
+
+def test_truncated_normal_into_out_gives_the_same_numbers():
+    out = torch.full((1000,), 7.0)
+    drawn = truncated_normal((1000,), torch.Generator().manual_seed(2), torch.device("cpu"), out=out)
+    assert drawn is out
+    assert torch.equal(out, truncated_normal((1000,), torch.Generator().manual_seed(2), torch.device("cpu")))
 
 
 CPU = torch.device("cpu")
