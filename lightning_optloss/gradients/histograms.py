@@ -4,8 +4,9 @@ TF's ``gradients`` summary wrote a histogram per variable. MLflow has no histogr
 lightning_optloss keeps TF's statistics as metrics and also counts each gradient into a fixed number of
 equal bins over ``[min, max]`` of that step's gradient. :func:`histogram_table` does it with fixed-size
 tensors only (segment minima and maxima, arithmetic, ``index_add_``): no ``torch.histc`` with tensor bounds and no
-``bincount`` (both read a value back to size their work), so the table rides along in the one
+``bincount`` on accelerators (both read a value back to size their work), so the table rides along in the one
 device-to-host copy of a logged step, and :class:`Histogram` turns the copied numbers into edges and counts.
+On a CPU, where such a read costs nothing, a large gradient's bins are counted with ``bincount``.
 
 Artifact format (``optimize_loss/histograms/gradients.jsonl``): one JSON object per line, one line per
 logged step and parameter, in step order::
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_optloss.gradients.statistics import GradientSegments, SegmentGroup
+from lightning_optloss.gradients.statistics import GradientSegments, SegmentGroup, block_size, reduction_dtype
 
 HISTOGRAM_BINS = 30
 
@@ -47,7 +48,8 @@ def histogram_table(
 
     Computed on the gradients' device with no host synchronisation, in a few kernels for all gradients: the
     bin of each element of a flat group (segment ``s``: bin ``s * bins + b``) is counted with one
-    ``index_add_``. Peak extra memory is about 12 bytes per element of the largest group (the gradients under
+    ``index_add_`` (a large gradient on a CPU: ``bincount`` of uint8 bins, up to 256 bins). Peak extra memory
+    is about 12 bytes per element of the largest group (the gradients under
     :data:`~lightning_optloss.gradients.statistics.SEGMENT_LIMIT` elements together, or one larger gradient).
 
     >>> histogram_table([torch.tensor([0.0, 1.0, 1.0, 4.0])], bins=2).tolist()
@@ -64,22 +66,47 @@ def histogram_table(
 
 def _group_histograms(group: SegmentGroup, flat: Tensor, bins: int, bounds: Tensor | None) -> Tensor:
     """The rows of :func:`histogram_table` for one group of gradients."""
-    values = flat if flat.dtype == torch.float64 else flat.float()
-    if bounds is None:
-        low, high = group.extreme(values, "amin"), group.extreme(values, "amax")
+    dtype = reduction_dtype(flat.dtype)
+    if bounds is not None:
+        low, high = bounds.to(flat.device, dtype).index_select(0, group.index).unbind(1)
+    elif group.segment_ids is None:
+        low, high = (extreme.to(dtype).reshape(1) for extreme in torch.aminmax(flat))
     else:
-        low, high = bounds.to(values.device, values.dtype).index_select(0, group.index).unbind(1)
+        values = flat.to(dtype)
+        low, high = group.extreme(values, "amin"), group.extreme(values, "amax")
     width = (high - low) / bins
-    position = (values - group.spread(low)) / group.spread(torch.where(width > 0, width, torch.ones_like(width)))
-    index = position.nan_to_num_(0.0, posinf=bins - 1, neginf=0.0).clamp_(0, bins - 1).to(torch.int64)
-    del position
-    if group.segment_ids is not None:
+    width = torch.where(width > 0, width, torch.ones_like(width))
+    if group.segment_ids is None:
+        counts = _whole_histogram(flat, bins, low, width)
+    else:
+        position = (flat.to(dtype) - group.spread(low)) / group.spread(width)
+        index = position.nan_to_num_(0.0, posinf=bins - 1, neginf=0.0).clamp_(0, bins - 1).to(torch.int64)
+        del position
         index.add_(group.segment_ids, alpha=bins)
-    one = torch.ones((), dtype=torch.int64, device=values.device)
-    counts = torch.zeros(len(group.positions) * bins, dtype=torch.int64, device=values.device)
-    counts.index_add_(0, index, one.expand(len(index)))
+        one = torch.ones((), dtype=torch.int64, device=flat.device)
+        counts = torch.zeros(len(group.positions) * bins, dtype=torch.int64, device=flat.device)
+        counts.index_add_(0, index, one.expand(len(index)))
     edges = torch.stack([low, high], 1).to(torch.float64)
     return torch.cat([edges, counts.view(-1, bins).to(torch.float64)], 1).to(flat.device)
+
+
+def _whole_histogram(flat: Tensor, bins: int, low: Tensor, width: Tensor) -> Tensor:
+    """The ``bins`` int64 counts of one large gradient, block by block (the same arithmetic as a flat group)."""
+    scratch = torch.empty(
+        min(block_size(flat.device), len(flat)), dtype=reduction_dtype(flat.dtype), device=flat.device
+    )
+    counts = torch.zeros(bins, dtype=torch.int64, device=flat.device)
+    # On a CPU, bincount of uint8 bins counts 3-4x faster than index_add_ of int64 ones; it reads its largest
+    # bin back, a host read that only a CPU gets for free.
+    by_bincount = flat.device.type == "cpu" and bins <= 256
+    for part in flat.split(len(scratch)):
+        position = scratch[: len(part)].copy_(part).sub_(low).div_(width)
+        position.nan_to_num_(0.0, posinf=bins - 1, neginf=0.0).clamp_(0, bins - 1)
+        if by_bincount:
+            counts += torch.bincount(position.to(torch.uint8), minlength=bins)
+        else:
+            counts.index_add_(0, position.to(torch.int64), torch.ones_like(counts[0]).expand(len(part)))
+    return counts
 
 
 @dataclass(frozen=True)
