@@ -105,7 +105,7 @@ class FitSteps:
         self.images_every = 0  # resolved images_every_n_steps; 0: no pictures
         self.run_images: RunImages | None = None
 
-    # ------------------------------------------------------------------ setup and on_fit_start
+    # ------------------------------------------------------------------ setup, on_fit_start, on_train_start
 
     def check_trainer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """At ``setup``: refuse what the Trainer cannot combine with the options; reach the strategy."""
