@@ -17,8 +17,8 @@ Layers, lowest first; a module imports only its own layer and lower ones, with n
 imports included (``tests/test_layering.py`` checks it)::
 
     common <- gradients <- distributed <- tf <- mlflow <- core (summaries, pipeline, callback_arguments,
-    checkpoint_state, callback, tf.checkpoint) <- this package and demos <- the python -m entry modules (demo,
-    example, compare, mlflow_replay, tf_checkpoint)
+    checkpoint_state, fit_steps, callback, tf.checkpoint) <- this package and demos <- the python -m entry
+    modules (demo, example, compare, mlflow_replay, tf_checkpoint)
 """
 
 from lightning_optloss.callback import OptimizeLoss

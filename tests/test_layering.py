@@ -4,7 +4,7 @@ The dependency order (also in ``lightning_optloss/__init__.py``'s docstring), lo
 modules of its own layer or of lower ones::
 
     common <- gradients <- distributed <- tf <- mlflow <- core (summaries, pipeline, callback_arguments,
-    checkpoint_state, callback, tf.checkpoint) <- the package and demos <- the ``python -m`` entry modules
+    checkpoint_state, fit_steps, callback, tf.checkpoint) <- the package and demos <- the ``python -m`` entry modules
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "lightning_optloss.pipeline",
             "lightning_optloss.callback_arguments",
             "lightning_optloss.checkpoint_state",
+            "lightning_optloss.fit_steps",
             "lightning_optloss.callback",
             # TFCheckpoint hands the TF global step and clipping state to the OptimizeLoss callbacks.
             "lightning_optloss.tf.checkpoint",
