@@ -216,7 +216,9 @@ top left, or directly <http://127.0.0.1:5000/#/experiments/1/runs?workflowType=m
 has the `OptimizeLoss/...` metrics
 (Model metrics tab; `OptimizeLoss/clip/ratio` and `OptimizeLoss/clip/active` show how hard and how often
 clipping acted), the gradient pictures with a step slider (Chart view of the experiment, or the run's Model
-metrics tab: `OptimizeLoss/gradient_norms`, `OptimizeLoss/gradient_histograms`), the `optimize_loss.*` params
+metrics tab: `OptimizeLoss/gradient_norms`, `OptimizeLoss/gradient_histograms`; MLflow 3.17.2 lists each run's
+params above its picture, which pushes the picture out of the card: switch **Show run parameters** off in the
+card's ⋮ menu, **Configure**, and open the card full screen with ⛶), the `optimize_loss.*` params
 and tags (Overview), and the artifacts
 `optimize_loss/config.json`, `optimize_loss/histograms/gradients.jsonl` and `optimize_loss/plots/*.png`
 (Artifacts tab). Both options matter: `mlflow.db` holds runs, params and metrics; the artifacts are recorded as

@@ -37,6 +37,10 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
 ]
 TIMEOUT_MS = 120_000  # two shared CPU cores: the first render of the UI takes a while
+VIEWPORT = {"width": 1600, "height": 1000}
+# A short window for the image grid: its full-screen card then holds the pictures and the slider without a
+# blank half (the screenshot of docs/images/mlflow-image-grid.png).
+SHORT_VIEWPORT = {"width": 1600, "height": 560}
 
 
 def unavailable(reason: str) -> None:
@@ -83,7 +87,7 @@ def page(tmp_path_factory):
             executable_path=executable,
             headless=True,
             args=CHROMIUM_FLAGS,
-            viewport={"width": 1600, "height": 1000},
+            viewport=VIEWPORT,
         )
         context.set_default_timeout(TIMEOUT_MS)
         expect.set_options(timeout=TIMEOUT_MS)
@@ -93,9 +97,10 @@ def page(tmp_path_factory):
             context.close()
 
 
-def screenshot(page, name: str) -> Path:
+def screenshot(target, name: str) -> Path:
+    """A screenshot of ``target`` (the page, or one element of it: a Playwright ``Locator``)."""
     path = SCREENSHOTS / f"mlflow_ui_{name}.png"
-    page.screenshot(path=str(path))
+    target.screenshot(path=str(path))
     return path
 
 
@@ -226,34 +231,82 @@ def test_the_experiment_is_tagged_for_and_shown_in_the_model_training_view(page,
     screenshot(page, "model_training_view")
 
 
-def test_the_image_grid_follows_its_step_slider(page, mlflow_ui):
-    """The ``gradient_histograms`` card: its slider moves to the last step, its pictures change."""
+# What makes a picture of the grid seen, checked in the page itself: the frame loaded, is drawn at a useful size,
+# and nothing covers or clips it at its centre (the topmost element there is the <img>).
+PICTURE_SEEN = """image => {
+    const box = image.getBoundingClientRect();
+    const top = document.elementFromPoint(box.x + box.width / 2, box.y + box.height / 2);
+    return image.complete && image.naturalWidth > 0 && box.height >= 100 && top === image;
+}"""
+
+
+def open_the_image_card(page, url: str, key: str):
+    """The image-grid card of ``key``, as a person makes it readable, opened full screen; returns the dialog.
+
+    MLflow 3.17.2's image cards list each run's params as ``key=value, ...`` under the run name, on by default
+    (the card's Configure → Run details → "Show run parameters"). A run of the example has 24 params, so the
+    list fills the card and the picture sits below its visible part. A person switches the list off, then
+    opens the card full screen: the four runs' pictures side by side, over a slider the width of the window.
+    """
     from playwright.sync_api import expect
 
-    chart_view(page, mlflow_ui, "OptimizeLoss/gradient_histograms")
-    slider = page.get_by_role("slider").first
-    expect(slider).to_be_visible()
+    chart_view(page, url, key)
+    heading = page.get_by_role("heading", name=key, exact=True)
+    card = page.get_by_test_id("experiment-view-compare-runs-card").filter(has=heading)
+    card.get_by_test_id("experiment-view-compare-runs-card-menu").click()
+    page.get_by_role("menuitem", name="Configure").click()
+    switch = page.get_by_role("switch", name="Show run parameters")
+    expect(switch).to_be_checked()  # MLflow's default
+    switch.click()
+    page.get_by_role("button", name="Save changes").click()
+    expect(switch).to_have_count(0)
+    card.locator("[data-component-id='fullscreen_button_chartcard']").click()
+    dialog = page.get_by_role("dialog").get_by_role("document")  # the modal's panel, without the dimmed page
+    expect(dialog.get_by_role("heading", name=key, exact=True)).to_be_visible()
+    return dialog
+
+
+@pytest.fixture
+def short_window(page):
+    page.set_viewport_size(SHORT_VIEWPORT)
+    yield page
+    page.set_viewport_size(VIEWPORT)
+
+
+def test_the_image_grid_shows_the_pictures_and_follows_its_step_slider(short_window, mlflow_ui):
+    """The ``gradient_histograms`` card: each run's picture in sight; the slider moves to the last step, the
+    pictures change."""
+    from playwright.sync_api import expect
+
+    page = short_window
+    dialog = open_the_image_card(page, mlflow_ui, "OptimizeLoss/gradient_histograms")
+    slider = dialog.get_by_role("slider")
     assert slider.get_attribute("aria-valuenow") == "0"
     last = int(slider.get_attribute("aria-valuemax"))
     assert last > 0
-    pictures = page.locator("img[src*='gradient_histograms']")
-    expect(pictures.first).to_be_visible()
-    page.wait_for_timeout(1500)
+    pictures = dialog.locator("img[src*='gradient_histograms']")
+    expect(pictures).to_have_count(len(example.RUN_NAMES))
+    for run_name in example.RUN_NAMES:
+        expect(dialog.get_by_text(run_name)).to_be_visible()  # beside its colour, "#be501e no-clipping"
+    expect(dialog.get_by_text("optimize_loss.name=")).to_have_count(0)
+    for picture in pictures.all():
+        page.wait_for_function(PICTURE_SEEN, arg=picture.element_handle())
     before = sorted(pictures.evaluate_all("images => images.map(image => image.src)"))
     assert all("step%2B0%2B" in src for src in before), before
-    screenshot(page, "image_grid_step_0")
-    thumb = slider.bounding_box()  # a person drags the thumb to the right end of its track
+    screenshot(dialog, "image_grid_step_0")
+    thumb = slider.bounding_box()  # a person drags the thumb past the right end of its track
     page.mouse.move(thumb["x"] + thumb["width"] / 2, thumb["y"] + thumb["height"] / 2)
     page.mouse.down()
-    page.mouse.move(thumb["x"] + 400, thumb["y"] + thumb["height"] / 2, steps=10)
+    page.mouse.move(page.viewport_size["width"] - 1, thumb["y"] + thumb["height"] / 2, steps=10)
     page.mouse.up()
     expect(slider).to_have_attribute("aria-valuenow", str(last))
     page.wait_for_function(
-        "() => [...document.querySelectorAll(\"img[src*='gradient_histograms']\")]"
-        ".some(image => !image.src.includes('step%2B0%2B'))"
+        "() => [...document.querySelectorAll(\"[role=dialog] img[src*='gradient_histograms']\")]"
+        ".every(image => !image.src.includes('step%2B0%2B'))"
     )
     after = sorted(pictures.evaluate_all("images => images.map(image => image.src)"))
     # Each run shows its frame nearest the slider's step (a run that stopped early keeps its last one).
-    assert after != before and any(f"step%2B{last}%2B" in src for src in after), after
-    page.wait_for_timeout(1500)
-    screenshot(page, "image_grid_last_step")
+    assert any(f"step%2B{last}%2B" in src for src in after), after
+    for picture in pictures.all():
+        page.wait_for_function(PICTURE_SEEN, arg=picture.element_handle())
+    screenshot(dialog, "image_grid_last_step")
