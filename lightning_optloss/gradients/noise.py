@@ -58,7 +58,7 @@ def truncated_normal(
 
     By the inverse CDF, ``sqrt(2) * erfinv(v)`` for ``v`` uniform in ``[-erf(sqrt(2)), erf(sqrt(2)))`` (the
     normal's mass within ±2): one generator call and three elementwise passes, no host synchronisation on
-    any device, about 1.3x the cost of ``torch.randn`` on a CPU. TF redraws the samples beyond ±2 instead: the
+    any device, 1.2-1.5x the cost of ``torch.randn`` on a CPU. TF redraws the samples beyond ±2 instead: the
     same distribution, other numbers (TF's noise was unseeded, so it had no numbers to keep). ``out`` (float32,
     of ``shape``, on ``device``), when given, receives the samples (the same numbers as without it).
 
