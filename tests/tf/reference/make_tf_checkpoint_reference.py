@@ -46,13 +46,11 @@ import tensorflow as tf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_tf_reference import (  # TF's aliases are restored there, before tf_slim is imported
     adaptive,
-    build_clip,
-    build_decay,
+    build_optimize_loss,
     f32,
     f32_list,
     generator_info,
     session_config,
-    slim_optimizers,
     summary_value,
     write_json,
 )
@@ -243,18 +241,7 @@ def run_case(case_name: str, case: Case) -> dict[str, Any]:
     with tf.Graph().as_default():
         feeds, loss = build_model(case.model, initial)
         global_step = tf.compat.v1.train.get_or_create_global_step()
-        multipliers = case.gradient_multipliers
-        train_op = slim_optimizers.optimize_loss(
-            loss,
-            global_step,
-            case.learning_rate,
-            case.optimizer,
-            gradient_multipliers=None if multipliers is None else {f"{k}:0": v for k, v in multipliers.items()},
-            clip_gradients=build_clip(case.clip_gradients, global_step),
-            learning_rate_decay_fn=build_decay(case.learning_rate_decay),
-            summaries=case.summaries,
-            name=case.name,
-        )
+        train_op = build_optimize_loss(case, loss, global_step, name=case.name)
         summary_op = tf.compat.v1.summary.merge_all()
         saved_names = sorted(v.op.name for v in tf.compat.v1.global_variables())
         saver = tf.compat.v1.train.Saver(max_to_keep=1)

@@ -260,6 +260,23 @@ def build_decay(decay: dict | None) -> Any:
     return lambda lr, gs: schedule(lr, gs, **decay["kwargs"])
 
 
+def build_optimize_loss(case: Any, loss: tf.Tensor, global_step: tf.Variable, **keywords: Any) -> tf.Operation:
+    """tf_slim's ``optimize_loss`` with the case's learning rate, optimizer, multipliers, clipping, decay and
+    summaries; ``keywords`` are its further arguments."""
+    multipliers = case.gradient_multipliers
+    return slim_optimizers.optimize_loss(
+        loss,
+        global_step,
+        case.learning_rate,
+        case.optimizer,
+        gradient_multipliers=None if multipliers is None else {f"{k}:0": v for k, v in multipliers.items()},
+        clip_gradients=build_clip(case.clip_gradients, global_step),
+        learning_rate_decay_fn=build_decay(case.learning_rate_decay),
+        summaries=case.summaries,
+        **keywords,
+    )
+
+
 def build_graph(case: Case, initial: dict[str, np.ndarray]) -> dict[str, Any]:
     """Build the model and optimize_loss in the current default graph; return the handles."""
     x = tf.compat.v1.placeholder(tf.float32, (BATCH_SIZE, N_IN), name="x")
@@ -270,17 +287,11 @@ def build_graph(case: Case, initial: dict[str, np.ndarray]) -> dict[str, Any]:
     hidden = tf.tanh(tf.matmul(x, params["w1"]) + params["b1"])
     loss = tf.reduce_mean(tf.square(tf.matmul(hidden, params["w2"]) + params["b2"] - y))
     global_step = tf.compat.v1.train.get_or_create_global_step()
-    multipliers = case.gradient_multipliers
-    train_op = slim_optimizers.optimize_loss(
+    train_op = build_optimize_loss(
+        case,
         loss,
         global_step,
-        case.learning_rate,
-        case.optimizer,
-        gradient_multipliers=None if multipliers is None else {f"{k}:0": v for k, v in multipliers.items()},
-        clip_gradients=build_clip(case.clip_gradients, global_step),
-        learning_rate_decay_fn=build_decay(case.learning_rate_decay),
         variables=None if case.variables is None else [params[name] for name in case.variables],
-        summaries=case.summaries,
         increment_global_step=case.increment_global_step,
     )
     summary_op = tf.compat.v1.summary.merge_all()
