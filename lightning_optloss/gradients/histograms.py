@@ -31,7 +31,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_optloss.gradients.statistics import GradientSegments, SegmentGroup, block_size, reduction_dtype
+from lightning_optloss.gradients.statistics import (
+    GradientSegments,
+    SegmentGroup,
+    reduction_blocks,
+    reduction_dtype,
+)
 
 HISTOGRAM_BINS = 30
 
@@ -49,8 +54,9 @@ def histogram_table(
     Computed on the gradients' device with no host synchronisation, in a few kernels for all gradients: the
     bin of each element of a flat group (segment ``s``: bin ``s * bins + b``) is counted with one
     ``index_add_`` (a large gradient on a CPU: ``bincount`` of uint8 bins, up to 256 bins). Peak extra memory
-    is about 12 bytes per element of the largest group (the gradients under
-    :data:`~lightning_optloss.gradients.statistics.SEGMENT_LIMIT` elements together, or one larger gradient).
+    is about 12 bytes per element of the flat group (the gradients under
+    :data:`~lightning_optloss.gradients.statistics.SEGMENT_LIMIT` elements together); a larger gradient is
+    binned block by block (:func:`~lightning_optloss.gradients.statistics.reduction_blocks`).
 
     >>> histogram_table([torch.tensor([0.0, 1.0, 1.0, 4.0])], bins=2).tolist()
     [[0.0, 4.0, 3.0, 1.0]]
@@ -67,19 +73,19 @@ def histogram_table(
 def _group_histograms(group: SegmentGroup, flat: Tensor, bins: int, bounds: Tensor | None) -> Tensor:
     """The rows of :func:`histogram_table` for one group of gradients."""
     dtype = reduction_dtype(flat.dtype)
+    values = None if group.segment_ids is None else flat.to(dtype)  # a large gradient is binned block by block
     if bounds is not None:
         low, high = bounds.to(flat.device, dtype).index_select(0, group.index).unbind(1)
-    elif group.segment_ids is None:
+    elif values is None:
         low, high = (extreme.to(dtype).reshape(1) for extreme in torch.aminmax(flat))
     else:
-        values = flat.to(dtype)
         low, high = group.extreme(values, "amin"), group.extreme(values, "amax")
     width = (high - low) / bins
     width = torch.where(width > 0, width, torch.ones_like(width))
-    if group.segment_ids is None:
+    if values is None:
         counts = _whole_histogram(flat, bins, low, width)
     else:
-        position = (flat.to(dtype) - group.spread(low)) / group.spread(width)
+        position = (values - group.spread(low)) / group.spread(width)
         index = position.nan_to_num_(0.0, posinf=bins - 1, neginf=0.0).clamp_(0, bins - 1).to(torch.int64)
         del position
         index.add_(group.segment_ids, alpha=bins)
@@ -92,20 +98,16 @@ def _group_histograms(group: SegmentGroup, flat: Tensor, bins: int, bounds: Tens
 
 def _whole_histogram(flat: Tensor, bins: int, low: Tensor, width: Tensor) -> Tensor:
     """The ``bins`` int64 counts of one large gradient, block by block (the same arithmetic as a flat group)."""
-    scratch = torch.empty(
-        min(block_size(flat.device), len(flat)), dtype=reduction_dtype(flat.dtype), device=flat.device
-    )
     counts = torch.zeros(bins, dtype=torch.int64, device=flat.device)
     # On a CPU, bincount of uint8 bins counts 3-4x faster than index_add_ of int64 ones; it reads its largest
     # bin back, a host read that only a CPU gets for free.
     by_bincount = flat.device.type == "cpu" and bins <= 256
-    for part in flat.split(len(scratch)):
-        position = scratch[: len(part)].copy_(part).sub_(low).div_(width)
-        position.nan_to_num_(0.0, posinf=bins - 1, neginf=0.0).clamp_(0, bins - 1)
+    for block in reduction_blocks(flat):
+        position = block.sub_(low).div_(width).nan_to_num_(0.0, posinf=bins - 1, neginf=0.0).clamp_(0, bins - 1)
         if by_bincount:
             counts += torch.bincount(position.to(torch.uint8), minlength=bins)
         else:
-            counts.index_add_(0, position.to(torch.int64), torch.ones_like(counts[0]).expand(len(part)))
+            counts.index_add_(0, position.to(torch.int64), torch.ones_like(counts[0]).expand(len(block)))
     return counts
 
 

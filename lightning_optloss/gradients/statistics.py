@@ -129,19 +129,23 @@ def _segment_moments(group: SegmentGroup, flat: Tensor) -> Tensor:
     return torch.stack([group.counts, mean, m2, group.extreme(values, "amin"), group.extreme(values, "amax")], 1)
 
 
-def block_size(device: torch.device) -> int:
-    """Elements per block of the passes over one large gradient: 2**18 on a CPU, 2**22 on accelerators.
-
-    On a CPU a float32 block (1 MiB) stays in cache between the passes of a block, and its scratch memory is
-    reused: a temporary the size of the gradient would be fresh memory every step, whose page faults cost
-    more than the arithmetic. On accelerators blocks only bound the scratch memory.
-    """
-    return 1 << 18 if device.type == "cpu" else 1 << 22
-
-
 def reduction_dtype(dtype: torch.dtype) -> torch.dtype:
     """The precision a large gradient is reduced in: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reduction_blocks(flat: Tensor) -> Iterator[Tensor]:
+    """The consecutive blocks of one large flat gradient, each copied in :func:`reduction_dtype` into one reused
+    scratch buffer (a block is valid until the next is taken, and may be changed in place).
+
+    Blocks are 2**18 elements on a CPU, where a float32 block (1 MiB) stays in cache between the passes over
+    it, and a temporary the size of the gradient would be fresh memory every step, whose page faults cost
+    more than the arithmetic; 2**22 on accelerators, where blocks only bound the scratch memory.
+    """
+    size = 1 << 18 if flat.device.type == "cpu" else 1 << 22
+    scratch = torch.empty(min(size, len(flat)), dtype=reduction_dtype(flat.dtype), device=flat.device)
+    for part in flat.split(len(scratch)):
+        yield scratch[: len(part)].copy_(part)
 
 
 def _whole_moments(flat: Tensor) -> Tensor:
@@ -150,14 +154,12 @@ def _whole_moments(flat: Tensor) -> Tensor:
     The deviations ``d`` from the float32 mean ``shift`` are taken block by block; the sum of ``d`` corrects
     the mean, and ``m2 = sum(d**2) - sum(d)**2 / n`` cancels nothing, ``d`` having about zero mean.
     """
-    dtype = reduction_dtype(flat.dtype)
     count = flat.numel()
-    shift = flat.sum(dtype=dtype) / count
+    shift = flat.sum(dtype=reduction_dtype(flat.dtype)) / count
     first = torch.zeros((), dtype=torch.float64, device=flat.device)
     squares = torch.zeros_like(first)
-    scratch = torch.empty(min(block_size(flat.device), count), dtype=dtype, device=flat.device)
-    for part in flat.split(len(scratch)):
-        deviations = scratch[: len(part)].copy_(part).sub_(shift)
+    for block in reduction_blocks(flat):
+        deviations = block.sub_(shift)
         first += deviations.sum()
         squares += deviations.square_().sum()
     # A non-finite shift (an inf or NaN element) is the mean var_mean gives; the correction would be NaN.
