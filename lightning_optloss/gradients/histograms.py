@@ -100,12 +100,13 @@ def _whole_histogram(flat: Tensor, bins: int, low: Tensor, width: Tensor) -> Ten
     """The ``bins`` int64 counts of one large gradient, block by block (the same arithmetic as a flat group)."""
     counts = torch.zeros(bins, dtype=torch.int64, device=flat.device)
     # On a CPU, bincount of uint8 bins counts 3-4x faster than index_add_ of int64 ones; it reads its largest
-    # bin back, a host read that only a CPU gets for free.
+    # bin back, a host read that only a CPU gets for free. float32 -> int16 -> uint8 takes a quarter of the
+    # time of a direct float32 -> uint8 conversion (torch does not vectorise the latter).
     by_bincount = flat.device.type == "cpu" and bins <= 256
-    for block in reduction_blocks(flat):
-        position = block.sub_(low).div_(width).nan_to_num_(0.0, posinf=bins - 1, neginf=0.0).clamp_(0, bins - 1)
+    for block in reduction_blocks(flat, low):
+        position = block.div_(width).nan_to_num_(0.0, posinf=bins - 1, neginf=0.0).clamp_(0, bins - 1)
         if by_bincount:
-            counts += torch.bincount(position.to(torch.uint8), minlength=bins)
+            counts += torch.bincount(position.to(torch.int16).to(torch.uint8), minlength=bins)
         else:
             counts.index_add_(0, position.to(torch.int64), torch.ones_like(counts[0]).expand(len(block)))
     return counts

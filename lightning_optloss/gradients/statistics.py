@@ -134,9 +134,11 @@ def reduction_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def reduction_blocks(flat: Tensor) -> Iterator[Tensor]:
-    """The consecutive blocks of one large flat gradient, each copied in :func:`reduction_dtype` into one reused
-    scratch buffer (a block is valid until the next is taken, and may be changed in place).
+def reduction_blocks(flat: Tensor, shift: Tensor | None = None) -> Iterator[Tensor]:
+    """The consecutive blocks of one large flat gradient, each written in :func:`reduction_dtype` into one reused
+    scratch buffer (a block is valid until the next is taken, and may be changed in place); ``shift`` (one
+    number, in the reduction dtype), when given, is subtracted on the way (one pass instead of a copy and a
+    subtraction).
 
     Blocks are 2**18 elements on a CPU, where a float32 block (1 MiB) stays in cache between the passes over
     it, and a temporary the size of the gradient would be fresh memory every step, whose page faults cost
@@ -144,8 +146,11 @@ def reduction_blocks(flat: Tensor) -> Iterator[Tensor]:
     """
     size = 1 << 18 if flat.device.type == "cpu" else 1 << 22
     scratch = torch.empty(min(size, len(flat)), dtype=reduction_dtype(flat.dtype), device=flat.device)
+    # A one-element (not 0-d) shift makes a 16-bit block subtract in the scratch's float32, not in its own dtype.
+    shift = None if shift is None else shift.to(scratch.dtype).reshape(1)
     for part in flat.split(len(scratch)):
-        yield scratch[: len(part)].copy_(part)
+        block = scratch[: len(part)]
+        yield block.copy_(part) if shift is None else torch.sub(part, shift, out=block)
 
 
 def _whole_moments(flat: Tensor) -> Tensor:
@@ -158,8 +163,7 @@ def _whole_moments(flat: Tensor) -> Tensor:
     shift = flat.sum(dtype=reduction_dtype(flat.dtype)) / count
     first = torch.zeros((), dtype=torch.float64, device=flat.device)
     squares = torch.zeros_like(first)
-    for block in reduction_blocks(flat):
-        deviations = block.sub_(shift)
+    for deviations in reduction_blocks(flat, shift):
         first += deviations.sum()
         squares += deviations.square_().sum()
     # A non-finite shift (an inf or NaN element) is the mean var_mean gives; the correction would be NaN.
@@ -173,7 +177,9 @@ def _flatten(grads: Sequence[Tensor], group: SegmentGroup) -> Tensor:
     if group.segment_ids is None:
         return grads[group.positions[0]].detach().reshape(-1)
     # torch's C++ concatenation of flattened tensors (what DDP's bucketing uses): no Python loop per gradient.
-    return torch._C._nn.flatten_dense_tensors([grads[p].detach() for p in group.positions])
+    # no_grad instead of a detach() per gradient: a gradient made with create_graph=True requires grad.
+    with torch.no_grad():
+        return torch._C._nn.flatten_dense_tensors([grads[p] for p in group.positions])
 
 
 def local_moments(grads: Sequence[Tensor] | GradientSegments, dtype: torch.dtype) -> Tensor:

@@ -157,3 +157,13 @@ def test_a_large_non_finite_gradient_gives_what_var_mean_and_aminmax_give():
     moments = statistics.local_moments([nan, inf], torch.float32)
     assert moments[0, 1:].isnan().all()
     assert moments[1, 1] == math.inf and moments[1, 2].isnan() and moments[1, 4] == math.inf and moments[1, 3] == 0
+
+
+def test_gradients_that_require_grad_give_the_same_summaries_without_a_graph():
+    # backward(create_graph=True) leaves gradients that require grad; their summaries must not build a graph.
+    grads = [grad.float() for grad in _mixed_gradients(9) if grad.numel()]
+    tracked = [grad.clone().requires_grad_() * 1.0 for grad in grads]
+    moments, table = statistics.local_moments(tracked, torch.float64), histogram_table(tracked)
+    assert not moments.requires_grad and not table.requires_grad
+    assert torch.equal(moments, statistics.local_moments(grads, torch.float64))
+    assert torch.equal(table, histogram_table(grads))
