@@ -33,6 +33,8 @@ from lightning_optloss.summaries import SummaryRecord
 NoiseScale = float | Callable[[int], float]
 NONFINITE_MODES = ("warn", "skip", "raise")
 
+_INDEX = operator.attrgetter("index")
+
 
 class GradientStore(Protocol):
     """What the pipeline asks of a strategy (:class:`~lightning_optloss.distributed.strategies.GradientAccess`
@@ -68,6 +70,17 @@ class StepGradients:
 
     def __post_init__(self) -> None:
         self.sharded = any(layout is not None for layout in self.layouts)
+
+
+@dataclass(frozen=True)
+class EntryLabels:
+    """What a step needs to know of its parameters besides their gradients, made once per set of parameters: a
+    logged step of 200 parameters would otherwise format 1,000 statistic tags again."""
+
+    indices: list[int]
+    names: list[str]
+    metric_keys: list[str]
+    statistic_tags: list[str]  # summary ``gradients``: each parameter's statistics, in GRADIENT_STATISTICS order
 
 
 @dataclass
@@ -202,6 +215,7 @@ class GradientPipeline:
         self.multipliers = multipliers
         self.clip = clip
         self._magnitudes: dict[tuple[int, ...], Tensor] = {}
+        self._labels: dict[tuple[int, ...], EntryLabels] = {}
         self.summaries = list(summaries)
         self.access = access
         self.metric_keys = metric_keys
@@ -234,6 +248,21 @@ class GradientPipeline:
             present,
         )
 
+    def labels(self, entries: Sequence[NamedParameter]) -> EntryLabels:
+        """The :class:`EntryLabels` of ``entries`` (one per distinct set: an optimizer's, or those with a
+        gradient)."""
+        key = tuple(map(_INDEX, entries))
+        labels = self._labels.get(key)
+        if labels is None:
+            keys = [self.metric_keys[index] for index in key]
+            labels = self._labels[key] = EntryLabels(
+                list(key),
+                [entry.name for entry in entries],
+                keys,
+                [tags.gradient_statistic(k, statistic) for k in keys for statistic in tags.GRADIENT_STATISTICS],
+            )
+        return labels
+
     def _sum_over_shards(self, gradients: StepGradients) -> Callable[[Tensor], Tensor] | None:
         if not gradients.sharded:
             return None
@@ -255,11 +284,11 @@ class GradientPipeline:
         step's loss, the same on every replica) is what ``spikes`` judges when it watches the loss. ``images``
         (a logged step) also records what the step's pictures need (:meth:`SummaryRecord.add_image_rows`).
         """
-        grads = gradients.grads
+        grads, labels = gradients.grads, self.labels(gradients.entries)
         scale = self.current_noise_scale(step) if self.noise is not None else 0.0
         if scale:
-            self.noise.add_(grads, [e.index for e in gradients.entries], step, scale, gradients.layouts)
-        multipliers = [self.multipliers.get(e.index, 1.0) for e in gradients.entries] if self.multipliers else None
+            self.noise.add_(grads, labels.indices, step, scale, gradients.layouts)
+        multipliers = [self.multipliers.get(index, 1.0) for index in labels.indices] if self.multipliers else None
         # A clip declaring `multipliers` applies them in its own pass (a norm scales with its multiplier).
         fused = multipliers is not None and "multipliers" in self.clip_keywords
         if multipliers is not None and not fused:
@@ -267,7 +296,7 @@ class GradientPipeline:
         sum_over_shards = self._sum_over_shards(gradients)
         norms = parameter_norms(grads, sum_over_shards)
         if fused:
-            norms = norms * self._multiplier_magnitudes(gradients, multipliers, norms)
+            norms = norms * self._multiplier_magnitudes(labels, multipliers, norms)
         outcome = StepOutcome(SummaryRecord(step, self.name) if logging else None)
         if self.on_nonfinite != "warn":
             names = self._nonfinite_names(gradients, norms)
@@ -289,20 +318,19 @@ class GradientPipeline:
         if outcome.record is not None:
             self._record_before_clipping(outcome.record, optimizer, norms, scale)
         before = norms
-        norms = self._clip(gradients, norms, step, sum_over_shards, multipliers if fused else None)
+        norms = self._clip(gradients, labels, norms, step, sum_over_shards, multipliers if fused else None)
         self.access.write_back([entry.param for entry in gradients.entries], grads)
         if outcome.record is not None:
             if self.clip is not None:
                 self._record_clip_activity(outcome.record, before, norms)
-            self._record_after_clipping(outcome.record, gradients, norms, images)
+            self._record_after_clipping(outcome.record, gradients, labels, norms, images)
             if images:
-                indices = [entry.index for entry in gradients.entries]
-                outcome.record.add_image_rows(indices, torch.stack([before, norms]))
+                outcome.record.add_image_rows(labels.indices, torch.stack([before, norms]))
         return outcome
 
-    def _multiplier_magnitudes(self, gradients: StepGradients, multipliers: list[float], norms: Tensor) -> Tensor:
+    def _multiplier_magnitudes(self, labels: EntryLabels, multipliers: list[float], norms: Tensor) -> Tensor:
         """``|multipliers|`` as a tensor beside the norms; one host-to-device copy per distinct set of gradients."""
-        key = tuple(entry.index for entry in gradients.entries)
+        key = tuple(labels.indices)
         magnitudes = self._magnitudes.get(key)
         if magnitudes is None:
             magnitudes = self._magnitudes[key] = torch.tensor(
@@ -330,6 +358,7 @@ class GradientPipeline:
     def _clip(
         self,
         gradients: StepGradients,
+        labels: EntryLabels,
         norms: Tensor,
         step: int,
         sum_over_shards: AllReduceSum | None,
@@ -345,7 +374,7 @@ class GradientPipeline:
         if "global_norm" in self.clip_keywords:
             keywords["global_norm"] = global_norm(norms)
         if "names" in self.clip_keywords:
-            keywords["names"] = [entry.name for entry in gradients.entries]
+            keywords["names"] = labels.names
         if "all_reduce_sum" in self.clip_keywords:
             keywords["all_reduce_sum"] = self.access.uniform_sum(gradients.layouts)
         if "norms" in self.clip_keywords:
@@ -375,18 +404,17 @@ class GradientPipeline:
         record.add(tags.CLIP_ACTIVE, (after != before).any().to(before.dtype))
 
     def _record_after_clipping(
-        self, record: SummaryRecord, gradients: StepGradients, norms: Tensor, images: bool = False
+        self, record: SummaryRecord, gradients: StepGradients, labels: EntryLabels, norms: Tensor, images: bool
     ) -> None:
         """The summaries after clipping; ``images`` (a picture step) also records the histograms the pictures
         draw, whatever the summaries (they go to the artifacts only with the ``gradients`` summary)."""
         if self.clip is not None:
             for tag, value in self.clip.summaries().items():
                 record.add(tag, value)
-        keys = [self.metric_keys[entry.index] for entry in gradients.entries]
         if self.clip is not None and self.global_norms_logged:
             record.add(tags.CLIPPED_GLOBAL_NORM, global_norm(norms))
         if "gradient_norm" in self.summaries:
-            record.add_parameter_norms(keys, norms)
+            record.add_parameter_norms(labels.metric_keys, norms)
         statistics_logged = "gradients" in self.summaries
         if statistics_logged or images:
             segments = statistics.GradientSegments(gradients.grads)
@@ -394,13 +422,10 @@ class GradientPipeline:
             if gradients.sharded:
                 moments = self.access.combine_over_shards(moments, gradients.layouts, statistics.combine_moments)
             if statistics_logged:
-                statistic_tags = [
-                    tags.gradient_statistic(key, stat) for key in keys for stat in tags.GRADIENT_STATISTICS
-                ]
-                record.add_rows(statistic_tags, statistics.gradient_statistics(moments, norms))
+                record.add_rows(labels.statistic_tags, statistics.gradient_statistics(moments, norms))
             if (self.histograms and statistics_logged) or images:
                 table = self._histograms(gradients, segments, moments)
-                record.add_histograms([entry.name for entry in gradients.entries], table)
+                record.add_histograms(labels.names, table)
 
     def _histograms(self, gradients: StepGradients, segments: statistics.GradientSegments, moments: Tensor) -> Tensor:
         """The histogram table, bins over each full gradient's [min, max] (counts summed over shards)."""
