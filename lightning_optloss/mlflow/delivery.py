@@ -26,6 +26,11 @@ daemon worker thread of its own:
 - **Durable.** With ``durable=True`` every record is appended to the spill file before :meth:`Delivery.put`
   returns (``os.fsync`` at most every ``fsync_interval`` seconds), and the worker reads them back from there:
   a killed process loses nothing that ``put`` returned, a machine crash at most the last interval.
+- **Priority.** With ``niceness``, the worker runs that many ``nice`` levels below the thread that started it
+  (Linux): on a machine whose cores the caller keeps busy, the worker takes CPU time from idle moments rather
+  than from the caller. At :meth:`Delivery.close`, where the caller waits, the lowered worker stops after its
+  current send and a worker at the caller's priority delivers the rest (a thread cannot raise its own
+  priority again without privileges).
 
 Both files hold one JSON object per line (``json.dumps``; non-finite floats as ``NaN``/``Infinity``), the
 records as given, created with mode 0600 (their folder 0700 when created here); rejected records carry an
@@ -40,6 +45,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -242,6 +248,27 @@ class SpillFile:
         return self.unread
 
 
+def lower_thread_priority(niceness: int, name: str) -> bool:
+    """Lower the calling thread's CPU priority by ``niceness`` ``nice`` levels (at most to 19), on Linux; return
+    whether it was lowered.
+
+    Linux's ``setpriority`` takes a thread id for one thread (not the process, as POSIX says); elsewhere, and
+    where the call fails, nothing changes (logged at debug level under ``name``).
+    """
+    if niceness <= 0 or not sys.platform.startswith("linux"):
+        return False
+    thread = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, thread)
+        if current >= 19:
+            return False
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, current + niceness))
+    except OSError as error:
+        log.debug("%s: cannot lower the worker thread's priority: %s", name, error)
+        return False
+    return True
+
+
 class Delivery:
     """Sends records in order on a daemon thread, retrying with backoff; spills to disk instead of blocking.
 
@@ -258,6 +285,8 @@ class Delivery:
         durable: Append every record to the spill file before :meth:`put` returns. Default False.
         fsync_interval: With ``durable``, the longest time (seconds) between two ``fsync`` of the spill file.
         name: Name of the worker thread.
+        niceness: How many ``nice`` levels below the creating thread's the worker runs (Linux; 0-19, capped at
+            19). Default 0: the same priority.
     """
 
     def __init__(
@@ -273,6 +302,7 @@ class Delivery:
         durable: bool = False,
         fsync_interval: float = 0.1,
         name: str = "delivery",
+        niceness: int = 0,
     ) -> None:
         if max_queue < 1:
             raise ValueError(f"Delivery: `max_queue` must be at least 1; got {max_queue}.")
@@ -287,6 +317,7 @@ class Delivery:
         self.durable = durable
         self._fsync_interval = fsync_interval
         self._name = name
+        self._niceness = niceness
         self._spill = SpillFile(Path(spill_path))
         self.rejected_path = self._spill.path.with_name(self._spill.path.stem + ".rejected.jsonl")
         self._cond = threading.Condition()
@@ -299,6 +330,7 @@ class Delivery:
         self._thread: threading.Thread | None = None
         self._generation = 0  # a worker whose generation is stale has been left behind by close()
         self._stopping = False
+        self._handed_over = False  # a lowered worker stopped at close() for one at the caller's priority
         self._wake = False
         self._failures = 0
         self.delivered = 0
@@ -338,7 +370,8 @@ class Delivery:
         line = _line(record)
         with self._cond:
             if self._thread is None:
-                self._start()
+                self._stopping = self._handed_over = False
+                self._start(self._niceness)
             if self.durable and self._try_spill([entry[1] for entry in self._memory] + [line], self._fsync_interval):
                 self._memory.clear()  # what a disk fault had left in memory went first
                 self._memory_bytes = 0
@@ -397,11 +430,13 @@ class Delivery:
         self.disk.failed_writes += 1
         self.disk.error = error
 
-    def _start(self) -> None:
+    def _start(self, niceness: int) -> None:
         self._generation += 1
-        self._stopping = False
         self._thread = threading.Thread(
-            target=self._work, args=(self._generation,), name=f"{self._name}-{self._generation}", daemon=True
+            target=self._work,
+            args=(self._generation, niceness),
+            name=f"{self._name}-{self._generation}",
+            daemon=True,
         )
         self._thread.start()
 
@@ -420,6 +455,10 @@ class Delivery:
                 self._wake = True  # the first retry of the flush does not wait for the backoff
                 self._cond.notify_all()
                 while self._pending() and (remaining := deadline - time.monotonic()) > 0:
+                    if self._handed_over:  # the caller waits: the flush runs at its priority, not the worker's
+                        self._handed_over = False
+                        self._start(0)
+                        thread = self._thread
                     self._cond.wait(remaining)
                 self._generation += 1
                 self._thread = None
@@ -452,9 +491,16 @@ class Delivery:
 
     # ------------------------------------------------------------------ the worker thread
 
-    def _work(self, generation: int) -> None:
+    def _work(self, generation: int, niceness: int) -> None:
+        lowered = lower_thread_priority(niceness, self._name)
         while True:
             with self._cond:
+                if lowered and self._stopping and generation == self._generation:
+                    # A lowered thread cannot raise its priority again (that needs privileges): it stops between
+                    # two sends, and close() starts a worker at the caller's priority for the rest.
+                    self._handed_over = True
+                    self._cond.notify_all()
+                    return
                 record = self._next(generation)
             if record is None:
                 return

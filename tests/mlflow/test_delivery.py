@@ -6,6 +6,7 @@ import errno
 import itertools
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -282,3 +283,47 @@ def test_an_existing_spill_file_is_continued_first_skipping_an_unreadable_line(t
     delivery.close(timeout=5.0)
     assert server.received == [{"n": 0}, {"n": 2}, {"n": 3}]
     assert delivery._spill.unreadable == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own nice value is Linux's")
+@pytest.mark.parametrize("niceness", [0, 5, 40])
+def test_the_worker_runs_niceness_levels_below_the_thread_that_started_it(tmp_path, niceness):
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen: list[int] = []
+    caller = priority()
+    delivery = Delivery(lambda record: seen.append(priority()), tmp_path / "spill.jsonl", niceness=niceness)
+    delivery.put({"n": 0})
+    wait_until(lambda: seen)  # sent before close(), which hands what is left to a worker at the caller's priority
+    report = delivery.close(5.0)
+    assert report.delivered == 1
+    assert seen == [min(19, caller + niceness)]  # never beyond 19, the lowest priority
+    assert priority() == caller  # the thread that puts keeps its own
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own nice value is Linux's")
+def test_at_close_a_worker_at_the_callers_priority_delivers_what_the_lowered_one_left(tmp_path):
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    caller, gate = priority(), threading.Event()
+    seen: list[tuple[int, int]] = []
+
+    def send(record: Record) -> None:
+        seen.append((record["n"], priority()))
+        if record["n"] == 0:
+            assert gate.wait(10.0), "the test never opened the gate"
+
+    delivery = Delivery(send, tmp_path / "spill.jsonl", niceness=5)  # no merge: one send per record
+    for record in records(3):
+        delivery.put(record)
+    wait_until(lambda: len(seen) == 1)  # the lowered worker is sending record 0
+    closing = threading.Thread(target=lambda: seen.append((-1, delivery.close(10.0).delivered)))
+    closing.start()
+    wait_until(lambda: delivery._stopping)
+    gate.set()
+    closing.join(10.0)
+    lowered = min(19, caller + 5)
+    assert seen == [(0, lowered), (1, caller), (2, caller), (-1, 3)]
+    assert list(tmp_path.iterdir()) == []  # nothing spilled

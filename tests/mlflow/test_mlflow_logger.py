@@ -7,6 +7,8 @@ store. The store is read back from its sqlite file, so it can be checked while t
 from __future__ import annotations
 
 import json
+import os
+import sys
 import threading
 import time
 import uuid
@@ -198,6 +200,26 @@ def test_extra_options_are_keyword_only_and_checked():
         MLFlowLogger(max_queue=0)
     with pytest.raises(ValueError, match=r"`flush_timeout` must be a finite number >= 0\.0; got -1"):
         MLFlowLogger(flush_timeout=-1)
+    for niceness in (-1, 20, 1.5, True):
+        with pytest.raises(ValueError, match=r"`delivery_niceness` must be an integer from 0 to 19 \(nice levels\)"):
+            MLFlowLogger(delivery_niceness=niceness)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own nice value is Linux's")
+def test_the_delivery_thread_stores_at_a_lower_priority_than_the_training_thread(tracking_uri):
+    training = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    logger = MLFlowLogger(
+        experiment_name=f"nice-{uuid.uuid4().hex[:12]}", tracking_uri=tracking_uri, delivery_niceness=7
+    )
+    logger.log_metrics({"m": 1.0}, step=0)
+    (thread,) = delivery_threads()
+    deadline = time.monotonic() + 10.0
+    while os.getpriority(os.PRIO_PROCESS, thread.native_id) != min(19, training + 7):
+        assert time.monotonic() < deadline, "the delivery thread's priority was not lowered"
+        time.sleep(0.01)
+    logger.finalize()
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == training
+    assert metric_history(logger) == {"m": {0: 1.0}}
 
 
 def test_training_goes_on_through_a_server_restart_and_every_record_arrives(live_server, tmp_path, recwarn):
