@@ -18,9 +18,11 @@ times are taken per step:
 Configurations: ``bare`` (no clipping), ``lightning_clip`` (``Trainer(gradient_clip_val=1e-3)``), ``clip``
 (``OptimizeLoss(clip_gradients=1e-3, summaries=[])``), ``full`` (multipliers on half the tensors, clipping and
 the default summaries to MLflow every 50 steps), ``full_noise`` (the same with ``gradient_noise_scale=0.01``),
-``full_spikes`` (``full`` with ``skip_spikes=spike_skipping_fn(warmup_steps=10)``: one device read per step) and
-``all_summaries`` (clipping and all five summaries every step). Models: ``small`` (100 linear layers of 32x32, 200
-tensors: per-tensor overhead) and ``large`` (3 linear layers of 4096x4096, 50M parameters: bandwidth).
+``full_spikes`` (``full`` with ``skip_spikes=spike_skipping_fn(warmup_steps=10)``: one device read per step),
+``all_summaries`` (clipping and all five summaries every step) and ``all_summaries_same_priority`` (the same with
+the logger's delivery thread at the training thread's priority, ``MLFlowLogger(delivery_niceness=0)``). Models:
+``small`` (100 linear layers of 32x32, 200 tensors: per-tensor overhead) and ``large`` (3 linear layers of
+4096x4096, 50M parameters: bandwidth).
 
 Beside them: ``randn`` (one ``torch.randn`` of as many numbers as the model has parameters, the floor of any
 noise), the peak memory of a step and of its processing above what was resident when it began (see
@@ -157,6 +159,7 @@ class Configuration:
     callback: Callable[[nn.Module], OptimizeLoss | None]
     trainer: dict[str, Any] = field(default_factory=dict)
     steps_fraction: float = 1.0  # of the model's steps (all_summaries: its logging takes long to deliver)
+    logger: dict[str, Any] = field(default_factory=dict)  # MLFlowLogger options
 
 
 def _half_the_tensors(module: nn.Module) -> dict[str, float]:
@@ -191,6 +194,13 @@ CONFIGURATIONS = [
         {"log_every_n_steps": 1},
         steps_fraction=0.4,
     ),
+    Configuration(
+        "all_summaries_same_priority",
+        lambda module: OptimizeLoss(clip_gradients=CLIP, summaries=OPTIMIZER_SUMMARIES, seed=0),
+        {"log_every_n_steps": 1},
+        steps_fraction=0.4,
+        logger={"delivery_niceness": 0},
+    ),
 ]
 
 
@@ -221,6 +231,7 @@ def fit(
         tracking_uri=args.tracking_uri,
         flush_timeout=3600.0,
         spill_dir=args.store,
+        **configuration.logger,
     )
     options: dict[str, Any] = {
         "accelerator": args.device,
