@@ -34,6 +34,7 @@ NoiseScale = float | Callable[[int], float]
 NONFINITE_MODES = ("warn", "skip", "raise")
 
 _INDEX = operator.attrgetter("index")
+_CACHED_LABELS = 8  # sets of parameters (an optimizer's; those with a gradient) whose EntryLabels are kept
 
 
 class GradientStore(Protocol):
@@ -254,6 +255,8 @@ class GradientPipeline:
         key = tuple(map(_INDEX, entries))
         labels = self._labels.get(key)
         if labels is None:
+            if len(self._labels) >= _CACHED_LABELS:  # gradients that come and go in many subsets: keep a few sets
+                self._labels.clear()
             keys = [self.metric_keys[index] for index in key]
             labels = self._labels[key] = EntryLabels(
                 list(key),

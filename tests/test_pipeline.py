@@ -155,3 +155,19 @@ def test_no_gradient_at_all_is_an_error_naming_the_tf_message():
         entry.param.grad = None
     with pytest.raises(ValueError, match="No gradients provided for any variable"):
         _pipeline().gather(entries)
+
+
+def test_labels_are_made_once_per_set_of_parameters_and_a_few_sets_are_kept():
+    pipeline = _pipeline(summaries=["gradients"])
+    entries = _entries([torch.ones(2), torch.ones(3), torch.ones(1)])
+    labels = pipeline.labels(entries)
+    assert pipeline.labels(list(entries)) is labels  # the same parameters: the same labels, not made again
+    assert labels.indices == [0, 1, 2] and labels.names == NAMES
+    assert labels.statistic_tags[:5] == [f"gradients/encoder.weight/{s}" for s in tags.GRADIENT_STATISTICS]
+    assert len(labels.statistic_tags) == 5 * len(NAMES)
+    many = [NamedParameter(index, f"layer{index}.weight", torch.nn.Parameter(torch.ones(1))) for index in range(3, 8)]
+    pipeline.metric_keys.update({entry.index: entry.name for entry in many})
+    for mask in range(1, 32):  # parameters whose gradients come and go: 31 subsets
+        subset = [entry for position, entry in enumerate(many) if mask >> position & 1]
+        assert pipeline.labels(subset).names == [entry.name for entry in subset]
+        assert len(pipeline._labels) <= 8
