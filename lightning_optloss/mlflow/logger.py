@@ -145,8 +145,9 @@ class MLFlowLogger(StockMLFlowLogger):
         delivery_niceness: How many ``nice`` levels below the training thread's the worker thread runs
             (Linux; 0-19, at most down to 19; ignored elsewhere). Default 19: on a machine whose cores the
             training keeps busy (a CPU run, several processes per machine), storing metrics takes CPU time
-            from idle moments, not from training; ``finalize`` waits for it with the cores free. 0: the same
-            priority as training, for runs whose metrics must reach the server as they are logged.
+            from idle moments, not from training; at ``finalize`` a thread at the training thread's priority
+            delivers what is left. 0: the same priority as training, for runs whose metrics must reach the
+            server as they are logged.
 
     ``synchronous`` is accepted and has no effect: records are always sent off the training thread, and
     synchronously by the worker (MLflow's asynchronous logging drops a batch that fails, instead of retrying it).
@@ -189,18 +190,10 @@ class MLFlowLogger(StockMLFlowLogger):
             raise validation.invalid(_OWNER, "spill_dir", "None or a folder path", spill_dir)
         if not isinstance(durable, bool):
             raise validation.invalid(_OWNER, "durable", "True or False", durable)
-        if (
-            isinstance(delivery_niceness, bool)
-            or not isinstance(delivery_niceness, int)
-            or not 0 <= delivery_niceness <= 19
-        ):
-            raise validation.invalid(
-                _OWNER, "delivery_niceness", "an integer from 0 to 19 (nice levels)", delivery_niceness
-            )
         self.max_queue = max_queue
         self.max_queue_bytes = max_queue_bytes
         self.durable = durable
-        self.delivery_niceness = delivery_niceness
+        self.delivery_niceness = validation.integer(_OWNER, "delivery_niceness", delivery_niceness, minimum=0, below=20)
         self.flush_timeout = validation.real(_OWNER, "flush_timeout", flush_timeout, minimum=0.0)
         self.spill_dir = None if spill_dir is None else Path(spill_dir)
         self.request_timeout = validation.real(_OWNER, "request_timeout", request_timeout, minimum=0.0, strictly=True)

@@ -201,7 +201,7 @@ def test_extra_options_are_keyword_only_and_checked():
     with pytest.raises(ValueError, match=r"`flush_timeout` must be a finite number >= 0\.0; got -1"):
         MLFlowLogger(flush_timeout=-1)
     for niceness in (-1, 20, 1.5, True):
-        with pytest.raises(ValueError, match=r"`delivery_niceness` must be an integer from 0 to 19 \(nice levels\)"):
+        with pytest.raises(ValueError, match=r"`delivery_niceness` must be an integer >= 0 and < 20; got "):
             MLFlowLogger(delivery_niceness=niceness)
 
 
