@@ -78,7 +78,7 @@ class EntryLabels:
     """What a step needs to know of its parameters besides their gradients, made once per set of parameters: a
     logged step of 200 parameters would otherwise format 1,000 statistic tags again."""
 
-    indices: list[int]
+    indices: tuple[int, ...]  # also the key of the set
     names: list[str]
     metric_keys: list[str]
     statistic_tags: list[str]  # summary ``gradients``: each parameter's statistics, in GRADIENT_STATISTICS order
@@ -257,9 +257,10 @@ class GradientPipeline:
         if labels is None:
             if len(self._labels) >= _CACHED_LABELS:  # gradients that come and go in many subsets: keep a few sets
                 self._labels.clear()
+                self._magnitudes.clear()  # keyed by the same sets
             keys = [self.metric_keys[index] for index in key]
             labels = self._labels[key] = EntryLabels(
-                list(key),
+                key,
                 [entry.name for entry in entries],
                 keys,
                 [tags.gradient_statistic(k, statistic) for k in keys for statistic in tags.GRADIENT_STATISTICS],
@@ -333,10 +334,9 @@ class GradientPipeline:
 
     def _multiplier_magnitudes(self, labels: EntryLabels, multipliers: list[float], norms: Tensor) -> Tensor:
         """``|multipliers|`` as a tensor beside the norms; one host-to-device copy per distinct set of gradients."""
-        key = tuple(labels.indices)
-        magnitudes = self._magnitudes.get(key)
+        magnitudes = self._magnitudes.get(labels.indices)
         if magnitudes is None:
-            magnitudes = self._magnitudes[key] = torch.tensor(
+            magnitudes = self._magnitudes[labels.indices] = torch.tensor(
                 [abs(m) for m in multipliers], dtype=norms.dtype, device=norms.device
             )
         return magnitudes

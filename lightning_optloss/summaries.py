@@ -79,7 +79,7 @@ class SummaryRecord:
     norms: Tensor | None = None
     nonfinite: dict[int, Tensor] = field(default_factory=dict)
     histogram_tables: list[tuple[list[str], Tensor]] = field(default_factory=list)
-    image_rows: list[tuple[list[int], Tensor]] = field(default_factory=list)
+    image_rows: list[tuple[Sequence[int], Tensor]] = field(default_factory=list)
 
     def add(self, tag: str, value: Tensor | float) -> None:
         """Add one value (a float, or a 0-d tensor) under ``tag``."""
@@ -104,7 +104,7 @@ class SummaryRecord:
         """Add the histograms of ``params``: row ``i`` of ``table`` (``histogram_table``) is ``params[i]``'s."""
         self.histogram_tables.append((params, table))
 
-    def add_image_rows(self, indices: list[int], norms: Tensor) -> None:
+    def add_image_rows(self, indices: Sequence[int], norms: Tensor) -> None:
         """Per-parameter norms for the step's pictures: ``norms[0][i]`` before clipping and ``norms[1][i]``
         after, of the parameter with index ``indices[i]``; :meth:`resolve` returns them in
         :attr:`StepSummaries.image_norms`."""

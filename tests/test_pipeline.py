@@ -162,7 +162,7 @@ def test_labels_are_made_once_per_set_of_parameters_and_a_few_sets_are_kept():
     entries = _entries([torch.ones(2), torch.ones(3), torch.ones(1)])
     labels = pipeline.labels(entries)
     assert pipeline.labels(list(entries)) is labels  # the same parameters: the same labels, not made again
-    assert labels.indices == [0, 1, 2] and labels.names == NAMES
+    assert labels.indices == (0, 1, 2) and labels.names == NAMES
     assert labels.statistic_tags[:5] == [f"gradients/encoder.weight/{s}" for s in tags.GRADIENT_STATISTICS]
     assert len(labels.statistic_tags) == 5 * len(NAMES)
     many = [NamedParameter(index, f"layer{index}.weight", torch.nn.Parameter(torch.ones(1))) for index in range(3, 8)]

@@ -85,15 +85,19 @@ def _group_histograms(group: SegmentGroup, flat: Tensor, bins: int, bounds: Tens
     if values is None:
         counts = _whole_histogram(flat, bins, low, width)
     else:
-        position = (values - group.spread(low)) / group.spread(width)
-        index = position.nan_to_num_(0.0, posinf=bins - 1, neginf=0.0).clamp_(0, bins - 1).to(torch.int64)
-        del position
+        index = _bin_positions_((values - group.spread(low)) / group.spread(width), bins).to(torch.int64)
         index.add_(group.segment_ids, alpha=bins)
         one = torch.ones((), dtype=torch.int64, device=flat.device)
         counts = torch.zeros(len(group.positions) * bins, dtype=torch.int64, device=flat.device)
         counts.index_add_(0, index, one.expand(len(index)))
     edges = torch.stack([low, high], 1).to(torch.float64)
     return torch.cat([edges, counts.view(-1, bins).to(torch.float64)], 1).to(flat.device)
+
+
+def _bin_positions_(position: Tensor, bins: int) -> Tensor:
+    """``(value - low) / width`` made a bin position in place: NaN and -inf to bin 0, +inf and the maximum (which
+    may round to ``bins``) to the last bin."""
+    return position.nan_to_num_(0.0, posinf=bins - 1, neginf=0.0).clamp_(0, bins - 1)
 
 
 def _whole_histogram(flat: Tensor, bins: int, low: Tensor, width: Tensor) -> Tensor:
@@ -104,7 +108,7 @@ def _whole_histogram(flat: Tensor, bins: int, low: Tensor, width: Tensor) -> Ten
     # time of a direct float32 -> uint8 conversion (torch does not vectorise the latter).
     by_bincount = flat.device.type == "cpu" and bins <= 256
     for block in reduction_blocks(flat, low):
-        position = block.div_(width).nan_to_num_(0.0, posinf=bins - 1, neginf=0.0).clamp_(0, bins - 1)
+        position = _bin_positions_(block.div_(width), bins)
         if by_bincount:
             counts += torch.bincount(position.to(torch.int16).to(torch.uint8), minlength=bins)
         else:
