@@ -51,6 +51,11 @@ def read_jsonl(path: Path) -> list[Record]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def thread_priority() -> int:
+    """The calling thread's nice value (Linux: a thread id addresses one thread)."""
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
 def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -288,30 +293,24 @@ def test_an_existing_spill_file_is_continued_first_skipping_an_unreadable_line(t
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own nice value is Linux's")
 @pytest.mark.parametrize("niceness", [0, 5, 40])
 def test_the_worker_runs_niceness_levels_below_the_thread_that_started_it(tmp_path, niceness):
-    def priority() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
     seen: list[int] = []
-    caller = priority()
-    delivery = Delivery(lambda record: seen.append(priority()), tmp_path / "spill.jsonl", niceness=niceness)
+    caller = thread_priority()
+    delivery = Delivery(lambda record: seen.append(thread_priority()), tmp_path / "spill.jsonl", niceness=niceness)
     delivery.put({"n": 0})
     wait_until(lambda: seen)  # sent before close(), which hands what is left to a worker at the caller's priority
     report = delivery.close(5.0)
     assert report.delivered == 1
     assert seen == [min(19, caller + niceness)]  # never beyond 19, the lowest priority
-    assert priority() == caller  # the thread that puts keeps its own
+    assert thread_priority() == caller  # the thread that puts keeps its own
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own nice value is Linux's")
 def test_at_close_a_worker_at_the_callers_priority_delivers_what_the_lowered_one_left(tmp_path):
-    def priority() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    caller, gate = priority(), threading.Event()
+    caller, gate = thread_priority(), threading.Event()
     seen: list[tuple[int, int]] = []
 
     def send(record: Record) -> None:
-        seen.append((record["n"], priority()))
+        seen.append((record["n"], thread_priority()))
         if record["n"] == 0:
             assert gate.wait(10.0), "the test never opened the gate"
 
